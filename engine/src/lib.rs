@@ -1,0 +1,24 @@
+//! The AlgoLink engine: devices, models and the dynamic batch scheduler.
+//!
+//! Architecture invariant: this crate knows no HTTP, no registry and no versions. It turns model
+//! files into a prepared [`Model`] on a [`Device`], and runs batches of requests through it with a
+//! [`Scheduler`].
+
+mod device;
+mod error;
+mod load;
+pub mod model;
+pub mod onnx;
+mod onnx_ml;
+pub mod safetensors;
+pub mod scheduler;
+pub mod stats;
+pub mod tensor;
+
+pub use device::{Device, DeviceRequest};
+pub use error::EngineError;
+pub use load::{LoadOptions, ModelFiles, load_model, warm_up};
+pub use model::{Model, Signature, TensorSpec};
+pub use scheduler::{BatchConfig, InferRequest, Scheduler};
+pub use stats::Stats;
+pub use tensor::{DataType, Tensor, TensorData};

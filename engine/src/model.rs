@@ -1,0 +1,86 @@
+use serde::Serialize;
+
+use crate::{DataType, EngineError, Tensor};
+
+/// Name, type and shape of one input or output; `-1` marks a variable dimension.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+/// What a prepared model takes and returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Signature {
+    /// `<project>_<format>` as the protocol suggests: `onnx_onnxv1`, `candle_safetensors`.
+    pub platform: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// Whether requests with different trailing dimensions may share a batch after zero-padding
+    /// (true for attention-masked encoders, false for models where padding changes results).
+    pub pad_to_longest: bool,
+}
+
+impl Signature {
+    pub fn input_index(&self, name: &str) -> Option<usize> {
+        self.inputs.iter().position(|i| i.name == name)
+    }
+
+    pub fn output_index(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().position(|o| o.name == name)
+    }
+
+    /// Checks one request's inputs (in signature order) against the signature and returns their
+    /// common number of rows along dim 0.
+    pub fn check_inputs(&self, inputs: &[Tensor]) -> Result<usize, EngineError> {
+        if inputs.len() != self.inputs.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "expected {} inputs, got {}",
+                self.inputs.len(),
+                inputs.len()
+            )));
+        }
+        let mut rows = None;
+        for (spec, t) in self.inputs.iter().zip(inputs) {
+            if spec.datatype != t.dtype {
+                return Err(EngineError::InvalidInput(format!(
+                    "input {:?}: expected datatype {}, got {}",
+                    spec.name, spec.datatype, t.dtype
+                )));
+            }
+            let fits = spec.shape.len() == t.shape.len()
+                && spec.shape.iter().zip(&t.shape).all(|(&s, &d)| s < 0 || s as usize == d);
+            if !fits {
+                return Err(EngineError::InvalidInput(format!(
+                    "input {:?}: expected shape {:?}, got {:?}",
+                    spec.name, spec.shape, t.shape
+                )));
+            }
+            match rows {
+                None => rows = Some(t.rows()),
+                Some(r) if r != t.rows() => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "inputs disagree on the batch size: {r} and {} rows",
+                        t.rows()
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let rows = rows.unwrap_or(0);
+        if rows == 0 {
+            return Err(EngineError::InvalidInput("a request needs at least one row".into()));
+        }
+        Ok(rows)
+    }
+}
+
+/// A model prepared on its device, ready to run batch after batch.
+///
+/// `run` takes the batch's inputs in signature order and returns every output in signature order,
+/// each with the batch's rows along dim 0.
+pub trait Model: Send + Sync {
+    fn signature(&self) -> &Signature;
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError>;
+}

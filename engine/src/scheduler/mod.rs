@@ -1,0 +1,251 @@
+//! One queue and one executor per (model version, device).
+//!
+//! Requests enter a [`BatchQueue`] behind a mutex. A batcher task decides when to run (the pure
+//! [`BatchQueue::next_batch`]), merges the chosen requests into one batch along dim 0, and hands it
+//! to the executor thread through a channel of one slot: while the device runs one batch, the next
+//! is formed (prefetch exactly one). The executor splits the outputs back per request.
+
+mod queue;
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+pub use queue::{BatchConfig, BatchQueue, Decision, Entry, Next, PushError, Waiting};
+
+use crate::{EngineError, Model, Stats, Tensor};
+
+/// One inference request as the scheduler sees it: inputs in signature order.
+#[derive(Debug)]
+pub struct InferRequest {
+    pub inputs: Vec<Tensor>,
+    /// The protocol's `priority`: 1 is the highest, 0 means the default (lowest).
+    pub priority: u32,
+    /// The protocol's `timeout`: how long the request may wait before it reaches the device.
+    pub timeout: Option<Duration>,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Tensor>, EngineError>>;
+
+#[derive(Debug)]
+struct Pending {
+    inputs: Vec<Tensor>,
+    reply: Reply,
+}
+
+impl Waiting for Pending {
+    fn client_gone(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+struct Shared {
+    queue: Mutex<BatchQueue<Pending>>,
+    wake: Notify,
+    closed: AtomicBool,
+}
+
+/// A formed batch on its way to the executor.
+struct Batch {
+    inputs: Vec<Tensor>,
+    rows: Vec<usize>,
+    replies: Vec<Reply>,
+}
+
+/// The handle requests go through. Dropping it stops the batcher once the queue is empty and the
+/// executor once its last batch is done.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    model: Arc<dyn Model>,
+    stats: Arc<Stats>,
+}
+
+impl Scheduler {
+    /// Starts the batcher (on the current tokio runtime) and the executor thread.
+    pub fn start(model: Arc<dyn Model>, config: BatchConfig, stats: Arc<Stats>) -> Scheduler {
+        let pad = model.signature().pad_to_longest;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(BatchQueue::new(config, pad)),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel::<Batch>(1);
+        tokio::spawn(batcher(shared.clone(), tx, pad, stats.clone()));
+        let exec_model = model.clone();
+        let exec_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("algolink-executor".into())
+            .spawn(move || executor(exec_model, rx, exec_stats))
+            .expect("spawn executor thread");
+        Scheduler { shared, model, stats }
+    }
+
+    pub fn model(&self) -> &Arc<dyn Model> {
+        &self.model
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn config(&self) -> BatchConfig {
+        self.shared.queue.lock().expect("queue lock").config().clone()
+    }
+
+    /// Queues a request and waits for its outputs. Dropping the future abandons the request: it
+    /// is skipped before it reaches the device.
+    pub async fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>, EngineError> {
+        let rows = self.model.signature().check_inputs(&request.inputs)?;
+        let now = Instant::now();
+        let (reply, rx) = oneshot::channel();
+        let entry = Entry {
+            rows,
+            priority: if request.priority == 0 { u32::MAX } else { request.priority },
+            enqueued: now,
+            deadline: request.timeout.map(|t| now + t),
+            shape_key: shape_key(&request.inputs),
+            payload: Pending { inputs: request.inputs, reply },
+        };
+        {
+            let mut q = self.shared.queue.lock().expect("queue lock");
+            if let Err((err, _)) = q.push(entry) {
+                return Err(match err {
+                    PushError::QueueFull => {
+                        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        // A batch's worth of time is a fair guess of when room frees up.
+                        let retry_after = Duration::from_secs_f64(self.stats.compute_seconds.mean().max(0.001))
+                            .max(Duration::from_secs(1));
+                        EngineError::QueueFull { queued: q.len(), retry_after }
+                    }
+                    PushError::TooManyRows { rows, max } => EngineError::InvalidInput(format!(
+                        "request has {rows} rows, more than the model's max_batch_size {max}"
+                    )),
+                });
+            }
+            self.stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
+        }
+        self.shared.wake.notify_one();
+        rx.await.map_err(|_| EngineError::Unavailable("the scheduler stopped before answering".into()))?
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+    }
+}
+
+fn shape_key(inputs: &[Tensor]) -> u64 {
+    let mut h = DefaultHasher::new();
+    for t in inputs {
+        t.shape.get(1..).hash(&mut h);
+    }
+    h.finish()
+}
+
+async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats: Arc<Stats>) {
+    loop {
+        // Wait for the executor's free slot first, so the batch is formed as late as possible.
+        let Ok(permit) = tx.reserve().await else { return };
+        let entries = loop {
+            let next = {
+                let mut q = shared.queue.lock().expect("queue lock");
+                let next = q.next_batch(Instant::now());
+                stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
+                next
+            };
+            for e in next.expired {
+                stats.expired.fetch_add(1, Ordering::Relaxed);
+                let waited = e.enqueued.elapsed();
+                let _ = e.payload.reply.send(Err(EngineError::DeadlineExceeded { waited }));
+            }
+            stats.cancelled.fetch_add(next.cancelled.len() as u64, Ordering::Relaxed);
+            match next.decision {
+                Decision::Run => break next.batch,
+                Decision::WaitUntil(t) => {
+                    tokio::select! {
+                        _ = shared.wake.notified() => {}
+                        _ = tokio::time::sleep_until(t.into()) => {}
+                    }
+                }
+                Decision::Idle => {
+                    if shared.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    shared.wake.notified().await;
+                }
+            }
+        };
+        let now = Instant::now();
+        for e in &entries {
+            stats.record_queued(now - e.enqueued);
+        }
+        match form_batch(entries, pad) {
+            Ok(batch) => permit.send(batch),
+            Err((err, replies)) => {
+                for r in replies {
+                    let _ = r.send(Err(EngineError::InvalidInput(err.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// Merges the entries' inputs along dim 0 (padding trailing dims when allowed).
+fn form_batch(entries: Vec<Entry<Pending>>, pad: bool) -> Result<Batch, (EngineError, Vec<Reply>)> {
+    let rows: Vec<usize> = entries.iter().map(|e| e.rows).collect();
+    let (inputs_per_req, replies): (Vec<Vec<Tensor>>, Vec<Reply>) =
+        entries.into_iter().map(|e| (e.payload.inputs, e.payload.reply)).unzip();
+    let n_inputs = inputs_per_req[0].len();
+    let inputs = if inputs_per_req.len() == 1 {
+        inputs_per_req.into_iter().next().expect("one request")
+    } else {
+        let mut merged = Vec::with_capacity(n_inputs);
+        for i in 0..n_inputs {
+            let parts: Vec<&Tensor> = inputs_per_req.iter().map(|r| &r[i]).collect();
+            match Tensor::concat(&parts, pad) {
+                Ok(t) => merged.push(t),
+                Err(e) => return Err((e, replies)),
+            }
+        }
+        merged
+    };
+    Ok(Batch { inputs, rows, replies })
+}
+
+fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Stats>) {
+    while let Some(batch) = rx.blocking_recv() {
+        let total: usize = batch.rows.iter().sum();
+        let start = Instant::now();
+        let result = model.run(batch.inputs);
+        stats.record_batch(total, start.elapsed());
+        match result.and_then(|outputs| split_outputs(outputs, &batch.rows)) {
+            Ok(per_request) => {
+                for (reply, outputs) in batch.replies.into_iter().zip(per_request) {
+                    let _ = reply.send(Ok(outputs));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for reply in batch.replies {
+                    let _ = reply.send(Err(EngineError::Execution(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Splits every output along dim 0 by the requests' rows; returns one output list per request.
+fn split_outputs(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>, EngineError> {
+    let mut per_request: Vec<Vec<Tensor>> = rows.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    for out in outputs {
+        for (i, piece) in out.split_rows(rows)?.into_iter().enumerate() {
+            per_request[i].push(piece);
+        }
+    }
+    Ok(per_request)
+}

@@ -1,0 +1,440 @@
+//! The batching decision: a plain struct with no IO, driven by the scheduler and tested as tables.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Triton-compatible knobs of the dynamic batcher.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchConfig {
+    /// Largest number of rows in one executed batch; a request with more rows is refused.
+    pub max_batch_size: usize,
+    /// How long the oldest request may wait for others before a partial batch runs.
+    pub max_queue_delay: Duration,
+    /// Batch sizes that run at once, without waiting out the delay, when exactly reached.
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Requests that may wait at once; one more is refused.
+    pub max_queue_size: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_batch_size: 64,
+            max_queue_delay: Duration::ZERO,
+            preferred_batch_sizes: Vec::new(),
+            max_queue_size: 1024,
+        }
+    }
+}
+
+/// What a queued request carries besides its payload.
+#[derive(Debug)]
+pub struct Entry<T> {
+    pub rows: usize,
+    /// 1 is the highest; the scheduler maps the protocol's 0 ("default") to the lowest.
+    pub priority: u32,
+    pub enqueued: Instant,
+    pub deadline: Option<Instant>,
+    /// Requests with different keys (trailing shapes) cannot share a batch, unless padding is on.
+    pub shape_key: u64,
+    pub payload: T,
+}
+
+/// Whether the client that sent a request is still waiting for it.
+pub trait Waiting {
+    fn client_gone(&self) -> bool;
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Decision {
+    /// Run a batch of these many entries now (taken by [`BatchQueue::next_batch`]).
+    Run,
+    /// Nothing to run before this instant, unless a request arrives.
+    WaitUntil(Instant),
+    /// The queue is empty.
+    Idle,
+}
+
+/// The result of one decision: the batch to run (empty unless `decision == Run`), and the entries
+/// dropped on the way because their deadline passed or their client left.
+#[derive(Debug)]
+pub struct Next<T> {
+    pub decision: Decision,
+    pub batch: Vec<Entry<T>>,
+    pub expired: Vec<Entry<T>>,
+    pub cancelled: Vec<Entry<T>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    QueueFull,
+    TooManyRows { rows: usize, max: usize },
+}
+
+/// Waiting requests ordered by (priority, arrival).
+#[derive(Debug)]
+pub struct BatchQueue<T> {
+    config: BatchConfig,
+    pad: bool,
+    entries: BTreeMap<(u32, u64), Entry<T>>,
+    seq: u64,
+}
+
+impl<T: Waiting> BatchQueue<T> {
+    /// `pad`: whether entries with different trailing shapes may share a batch.
+    pub fn new(config: BatchConfig, pad: bool) -> BatchQueue<T> {
+        BatchQueue { config, pad, entries: BTreeMap::new(), seq: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    pub fn push(&mut self, entry: Entry<T>) -> Result<(), (PushError, Entry<T>)> {
+        if entry.rows > self.config.max_batch_size {
+            let max = self.config.max_batch_size;
+            return Err((PushError::TooManyRows { rows: entry.rows, max }, entry));
+        }
+        if self.entries.len() >= self.config.max_queue_size {
+            return Err((PushError::QueueFull, entry));
+        }
+        self.seq += 1;
+        self.entries.insert((entry.priority, self.seq), entry);
+        Ok(())
+    }
+
+    /// Decides what to do at `now`: drops expired and abandoned entries, then either takes a batch
+    /// (when it is full, reaches a preferred size, or its oldest entry has waited the maximum
+    /// delay) or says until when to wait.
+    pub fn next_batch(&mut self, now: Instant) -> Next<T> {
+        let mut expired = Vec::new();
+        let mut cancelled = Vec::new();
+        let dead: Vec<(u32, u64)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.payload.client_gone() || e.deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in dead {
+            let e = self.entries.remove(&k).expect("key just listed");
+            if e.payload.client_gone() { cancelled.push(e) } else { expired.push(e) }
+        }
+
+        // The candidate batch: entries in priority order that fit, sharing the first one's shape
+        // unless padding is allowed; an entry that would overflow ends the batch.
+        let mut keys = Vec::new();
+        let mut rows = 0;
+        let mut oldest: Option<Instant> = None;
+        let mut first_shape = None;
+        for (k, e) in &self.entries {
+            if !self.pad && *first_shape.get_or_insert(e.shape_key) != e.shape_key {
+                continue;
+            }
+            if rows + e.rows > self.config.max_batch_size {
+                break;
+            }
+            rows += e.rows;
+            keys.push(*k);
+            oldest = Some(oldest.map_or(e.enqueued, |o| o.min(e.enqueued)));
+        }
+        let Some(oldest) = oldest else {
+            return Next { decision: Decision::Idle, batch: Vec::new(), expired, cancelled };
+        };
+        let due = oldest + self.config.max_queue_delay;
+        let run = rows >= self.config.max_batch_size || self.config.preferred_batch_sizes.contains(&rows) || due <= now;
+        if !run {
+            // Wake up for the batch delay, or earlier when a queued deadline falls before it.
+            let wake = self.entries.values().filter_map(|e| e.deadline).fold(due, Instant::min);
+            return Next { decision: Decision::WaitUntil(wake), batch: Vec::new(), expired, cancelled };
+        }
+        let batch = keys.iter().map(|k| self.entries.remove(k).expect("key just listed")).collect();
+        Next { decision: Decision::Run, batch, expired, cancelled }
+    }
+
+    /// Removes every entry (at shutdown).
+    pub fn drain(&mut self) -> Vec<Entry<T>> {
+        std::mem::take(&mut self.entries).into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct P {
+        name: &'static str,
+        gone: bool,
+    }
+    impl Waiting for P {
+        fn client_gone(&self) -> bool {
+            self.gone
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A queued request: (name, rows, priority, arrival ms, deadline ms, shape key, client gone).
+    type Req = (&'static str, usize, u32, u64, Option<u64>, u64, bool);
+
+    /// One row of a table: the requests,
+    /// the config, the time of the decision, and what must come out.
+    struct Case {
+        what: &'static str,
+        max_batch: usize,
+        delay_ms: u64,
+        preferred: Vec<usize>,
+        pad: bool,
+        requests: Vec<Req>,
+        at_ms: u64,
+        batch: Vec<&'static str>,
+        wait_until_ms: Option<u64>,
+        expired: Vec<&'static str>,
+        cancelled: Vec<&'static str>,
+    }
+
+    fn run(case: Case) {
+        let t0 = Instant::now();
+        let cfg = BatchConfig {
+            max_batch_size: case.max_batch,
+            max_queue_delay: ms(case.delay_ms),
+            preferred_batch_sizes: case.preferred,
+            max_queue_size: 100,
+        };
+        let mut q = BatchQueue::new(cfg, case.pad);
+        for (name, rows, priority, at, deadline, shape, gone) in case.requests {
+            q.push(Entry {
+                rows,
+                priority,
+                enqueued: t0 + ms(at),
+                deadline: deadline.map(|d| t0 + ms(d)),
+                shape_key: shape,
+                payload: P { name, gone },
+            })
+            .unwrap();
+        }
+        let next = q.next_batch(t0 + ms(case.at_ms));
+        let names = |v: &[Entry<P>]| v.iter().map(|e| e.payload.name).collect::<Vec<_>>();
+        assert_eq!(names(&next.batch), case.batch, "{}: batch", case.what);
+        assert_eq!(names(&next.expired), case.expired, "{}: expired", case.what);
+        assert_eq!(names(&next.cancelled), case.cancelled, "{}: cancelled", case.what);
+        match (case.wait_until_ms, &next.decision) {
+            (Some(w), Decision::WaitUntil(t)) => assert_eq!(*t, t0 + ms(w), "{}: wait", case.what),
+            (None, Decision::WaitUntil(_)) => panic!("{}: waits, should not", case.what),
+            (Some(_), d) => panic!("{}: {d:?} instead of waiting", case.what),
+            (None, _) => {}
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let cases = vec![
+            Case {
+                what: "empty queue is idle",
+                max_batch: 8,
+                delay_ms: 5,
+                preferred: vec![],
+                pad: false,
+                requests: vec![],
+                at_ms: 0,
+                batch: vec![],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "zero delay runs what is there",
+                max_batch: 8,
+                delay_ms: 0,
+                preferred: vec![],
+                pad: false,
+                requests: vec![("a", 1, 10, 0, None, 0, false), ("b", 2, 10, 0, None, 0, false)],
+                at_ms: 0,
+                batch: vec!["a", "b"],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "partial batch waits for the oldest's delay",
+                max_batch: 8,
+                delay_ms: 5,
+                preferred: vec![],
+                pad: false,
+                requests: vec![("a", 1, 10, 1, None, 0, false), ("b", 1, 10, 2, None, 0, false)],
+                at_ms: 3,
+                batch: vec![],
+                wait_until_ms: Some(6),
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "partial batch runs once the delay is over",
+                max_batch: 8,
+                delay_ms: 5,
+                preferred: vec![],
+                pad: false,
+                requests: vec![("a", 1, 10, 1, None, 0, false), ("b", 1, 10, 2, None, 0, false)],
+                at_ms: 6,
+                batch: vec!["a", "b"],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "full batch runs at once and leaves the overflow",
+                max_batch: 4,
+                delay_ms: 50,
+                preferred: vec![],
+                pad: false,
+                requests: vec![
+                    ("a", 2, 10, 0, None, 0, false),
+                    ("b", 2, 10, 0, None, 0, false),
+                    ("c", 1, 10, 0, None, 0, false),
+                ],
+                at_ms: 0,
+                batch: vec!["a", "b"],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "an entry that would overflow ends the batch (no reordering past it)",
+                max_batch: 4,
+                delay_ms: 0,
+                preferred: vec![],
+                pad: false,
+                requests: vec![
+                    ("a", 3, 10, 0, None, 0, false),
+                    ("b", 2, 10, 0, None, 0, false),
+                    ("c", 1, 10, 0, None, 0, false),
+                ],
+                at_ms: 0,
+                batch: vec!["a"],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "preferred size runs without waiting",
+                max_batch: 8,
+                delay_ms: 50,
+                preferred: vec![2, 4],
+                pad: false,
+                requests: vec![("a", 1, 10, 0, None, 0, false), ("b", 1, 10, 0, None, 0, false)],
+                at_ms: 0,
+                batch: vec!["a", "b"],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "higher priority goes first",
+                max_batch: 2,
+                delay_ms: 0,
+                preferred: vec![],
+                pad: false,
+                requests: vec![
+                    ("low", 1, 10, 0, None, 0, false),
+                    ("mid", 1, 5, 1, None, 0, false),
+                    ("high", 1, 1, 2, None, 0, false),
+                ],
+                at_ms: 3,
+                batch: vec!["high", "mid"],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "expired and abandoned requests never reach the device",
+                max_batch: 8,
+                delay_ms: 0,
+                preferred: vec![],
+                pad: false,
+                requests: vec![
+                    ("late", 1, 10, 0, Some(2), 0, false),
+                    ("gone", 1, 10, 0, None, 0, true),
+                    ("ok", 1, 10, 0, Some(10), 0, false),
+                ],
+                at_ms: 3,
+                batch: vec!["ok"],
+                wait_until_ms: None,
+                expired: vec!["late"],
+                cancelled: vec!["gone"],
+            },
+            Case {
+                what: "a deadline before the delay wakes the batcher early",
+                max_batch: 8,
+                delay_ms: 50,
+                preferred: vec![],
+                pad: false,
+                requests: vec![("a", 1, 10, 0, None, 0, false), ("b", 1, 10, 0, Some(7), 0, false)],
+                at_ms: 1,
+                batch: vec![],
+                wait_until_ms: Some(7),
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "different shapes are not batched without padding",
+                max_batch: 8,
+                delay_ms: 0,
+                preferred: vec![],
+                pad: false,
+                requests: vec![
+                    ("a", 1, 10, 0, None, 1, false),
+                    ("b", 1, 10, 0, None, 2, false),
+                    ("c", 1, 10, 0, None, 1, false),
+                ],
+                at_ms: 0,
+                batch: vec!["a", "c"],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+            Case {
+                what: "different shapes are batched with padding",
+                max_batch: 8,
+                delay_ms: 0,
+                preferred: vec![],
+                pad: true,
+                requests: vec![("a", 1, 10, 0, None, 1, false), ("b", 1, 10, 0, None, 2, false)],
+                at_ms: 0,
+                batch: vec!["a", "b"],
+                wait_until_ms: None,
+                expired: vec![],
+                cancelled: vec![],
+            },
+        ];
+        for case in cases {
+            run(case);
+        }
+    }
+
+    #[test]
+    fn push_limits() {
+        let cfg = BatchConfig { max_batch_size: 4, max_queue_size: 1, ..BatchConfig::default() };
+        let mut q = BatchQueue::new(cfg, false);
+        let entry = |rows| Entry {
+            rows,
+            priority: 1,
+            enqueued: Instant::now(),
+            deadline: None,
+            shape_key: 0,
+            payload: P { name: "x", gone: false },
+        };
+        assert_eq!(q.push(entry(5)).unwrap_err().0, PushError::TooManyRows { rows: 5, max: 4 });
+        q.push(entry(4)).unwrap();
+        assert_eq!(q.push(entry(1)).unwrap_err().0, PushError::QueueFull);
+    }
+}

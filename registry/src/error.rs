@@ -1,0 +1,19 @@
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid model name {0:?}: use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit")]
+    InvalidName(String),
+    #[error("model {0:?} not found")]
+    ModelNotFound(String),
+    #[error("model {model:?} has no version {version}")]
+    VersionNotFound { model: String, version: u64 },
+    #[error("invalid upload: {0}")]
+    InvalidUpload(String),
+    #[error("upload is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("stored file {sha256} is corrupt: its content no longer matches its hash")]
+    Corrupt { sha256: String },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("storage error: {0}")]
+    Io(#[from] std::io::Error),
+}

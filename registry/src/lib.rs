@@ -1,0 +1,21 @@
+//! The model registry: immutable, sha256-addressed versions with their metadata, and the serving
+//! manager that hands out ref-counted handles to loaded versions.
+//!
+//! Architecture invariant: this crate knows neither candle nor HTTP. What it serves is a type
+//! parameter; metadata lives in SQL (SQLite embedded; the queries stay portable for PostgreSQL),
+//! files in a [`BlobStore`] (local disk; S3-compatible storage later behind the same trait).
+
+mod artifact;
+mod blob;
+mod error;
+mod manager;
+mod names;
+pub mod policy;
+mod store;
+
+pub use artifact::{ArtifactLimits, Format, unpack};
+pub use blob::{BlobStore, LocalBlobStore, Staged};
+pub use error::RegistryError;
+pub use manager::Manager;
+pub use names::validate_model_name;
+pub use store::{ModelRecord, Registry, VersionRecord, VersionState};

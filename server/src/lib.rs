@@ -1,0 +1,57 @@
+//! The `algolink` server: the only crate with network IO. It wires the registry and the engine
+//! behind the Open Inference Protocol v2, the management API and `/metrics`.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod oip;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use algolink_registry::Registry;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use state::AppState;
+
+/// A server listening on a socket, running until `shutdown` is triggered.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish, and waits for the server to end.
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(());
+        self.task.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Opens the registry, loads the models, binds `config.server.http` and serves.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let registry = Registry::open(&config.server.data_dir).await?;
+    let listener = TcpListener::bind(&config.server.http)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.server.http))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(AppState::new(config, registry));
+    state.start().await?;
+    let app = api::router(state.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!("listening on http://{addr}");
+    Ok(Running { addr, state, shutdown: tx, task })
+}

@@ -1,0 +1,100 @@
+//! `/metrics` in the Prometheus text exposition format, rendered from the engine's counters.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+use algolink_engine::stats::Histogram;
+
+use crate::state::AppState;
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let (buckets, count, sum) = h.snapshot();
+    for (bound, cumulative) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+}
+
+pub fn render(st: &AppState) -> String {
+    let all = st.all_stats();
+    let mut out = String::with_capacity(4096 + all.len() * 8192);
+    let series = |out: &mut String,
+                  name: &str,
+                  kind: &str,
+                  help: &str,
+                  f: &dyn Fn(&mut String, &str, &algolink_engine::Stats)| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for ((model, version), s) in &all {
+            let labels = format!("model=\"{}\",version=\"{version}\"", escape(model));
+            f(out, &labels, s);
+        }
+    };
+    series(&mut out, "algolink_requests_total", "counter", "Inference requests answered, by outcome.", &|out, l, s| {
+        let _ = writeln!(out, "algolink_requests_total{{{l},outcome=\"success\"}} {}", s.success.get().0);
+        let _ = writeln!(out, "algolink_requests_total{{{l},outcome=\"failure\"}} {}", s.failure.get().0);
+    });
+    series(
+        &mut out,
+        "algolink_rejected_total",
+        "counter",
+        "Requests refused because the queue was full.",
+        &|out, l, s| {
+            let _ = writeln!(out, "algolink_rejected_total{{{l}}} {}", s.rejected.load(Relaxed));
+        },
+    );
+    series(
+        &mut out,
+        "algolink_expired_total",
+        "counter",
+        "Requests whose deadline passed in the queue.",
+        &|out, l, s| {
+            let _ = writeln!(out, "algolink_expired_total{{{l}}} {}", s.expired.load(Relaxed));
+        },
+    );
+    series(
+        &mut out,
+        "algolink_cancelled_total",
+        "counter",
+        "Requests dropped before the device because the client left.",
+        &|out, l, s| {
+            let _ = writeln!(out, "algolink_cancelled_total{{{l}}} {}", s.cancelled.load(Relaxed));
+        },
+    );
+    series(&mut out, "algolink_inference_rows_total", "counter", "Rows executed on the device.", &|out, l, s| {
+        let _ = writeln!(out, "algolink_inference_rows_total{{{l}}} {}", s.rows.load(Relaxed));
+    });
+    series(&mut out, "algolink_queue_depth", "gauge", "Requests waiting in the queue.", &|out, l, s| {
+        let _ = writeln!(out, "algolink_queue_depth{{{l}}} {}", s.queue_depth.load(Relaxed));
+    });
+    series(
+        &mut out,
+        "algolink_request_duration_seconds",
+        "histogram",
+        "End-to-end inference request duration.",
+        &|out, l, s| histogram(out, "algolink_request_duration_seconds", l, &s.request_seconds),
+    );
+    series(
+        &mut out,
+        "algolink_queue_duration_seconds",
+        "histogram",
+        "Time requests waited before their batch ran.",
+        &|out, l, s| histogram(out, "algolink_queue_duration_seconds", l, &s.queue_seconds),
+    );
+    series(
+        &mut out,
+        "algolink_compute_duration_seconds",
+        "histogram",
+        "Device time per executed batch.",
+        &|out, l, s| histogram(out, "algolink_compute_duration_seconds", l, &s.compute_seconds),
+    );
+    series(&mut out, "algolink_batch_size", "histogram", "Rows per executed batch.", &|out, l, s| {
+        histogram(out, "algolink_batch_size", l, &s.batch_size)
+    });
+    out
+}

@@ -1,0 +1,91 @@
+//! Helpers for the end-to-end tests: a real server on a free port with its own registry
+//! directory, and a real HTTP client.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use algolink_server::{Config, Running};
+use serde_json::Value;
+
+pub struct TestServer {
+    pub url: String,
+    pub client: reqwest::Client,
+    running: Option<Running>,
+    _dir: tempfile::TempDir,
+}
+
+/// Path of a file in `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// The reference request and outputs stored beside a fixture model.
+pub fn reference(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixture(&format!("{name}.json"))).expect("reference JSON");
+    serde_json::from_str(&text).expect("valid reference JSON")
+}
+
+impl TestServer {
+    /// Starts a server from a TOML config (its `[server]` http and data_dir are replaced).
+    pub async fn start(config_toml: &str) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::parse(config_toml).expect("test config");
+        config.server.http = "127.0.0.1:0".into();
+        config.server.data_dir = dir.path().join("data");
+        let running = algolink_server::start(config).await.expect("server starts");
+        let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client");
+        TestServer { url: format!("http://{}", running.addr), client, running: Some(running), _dir: dir }
+    }
+
+    pub async fn default() -> TestServer {
+        TestServer::start("").await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Pushes a file; returns the status and the JSON answer.
+    pub async fn push_bytes(&self, name: &str, body: Vec<u8>) -> (u16, Value) {
+        let r =
+            self.client.post(self.url(&format!("/v1/models/{name}/versions"))).body(body).send().await.expect("push");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn push(&self, name: &str, fixture_file: &str) -> Value {
+        let (status, body) = self.push_bytes(name, std::fs::read(fixture(fixture_file)).expect("fixture")).await;
+        assert_eq!(status, 201, "push of {fixture_file} failed: {body}");
+        body
+    }
+
+    /// POSTs a JSON infer request; returns the status and the JSON answer.
+    pub async fn infer(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.client.post(self.url(path)).body(body.to_string()).send().await.expect("infer");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self.client.get(self.url(path)).send().await.expect("get");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(30), r.stop()).await.expect("graceful stop").expect("stop");
+        }
+    }
+}
+
+/// Asserts `got` matches `want` element-wise: |g - w| <= rtol * |w| + atol.
+pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= rtol * w.abs() + atol, "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number")).collect()
+}
