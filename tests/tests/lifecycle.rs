@@ -1,0 +1,102 @@
+//! Version swaps and batching under concurrent load, against a real server.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use algolink_tests::TestServer;
+use serde_json::{Value, json};
+
+fn iris_body() -> String {
+    json!({ "inputs": [{ "name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.9, 3.0, 5.1, 1.8] }] })
+        .to_string()
+}
+
+/// One response as a load client saw it: when it was sent, its status, the version that answered.
+struct Seen {
+    sent: Instant,
+    status: u16,
+    version: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn push_under_load_fails_no_request_and_switches_within_two_seconds() {
+    let server = Arc::new(TestServer::default().await);
+    server.push("iris", "iris_logreg.onnx").await;
+    let stop_at = Instant::now() + Duration::from_secs(5);
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let server = server.clone();
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while Instant::now() < stop_at {
+                let sent = Instant::now();
+                let r = server.client.post(server.url("/v2/models/iris/infer")).body(iris_body()).send().await.unwrap();
+                let status = r.status().as_u16();
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                seen.push(Seen { sent, status, version: body["model_version"].as_str().unwrap_or("").to_string() });
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pushed = server.push("iris", "iris_forest.onnx").await;
+    let pushed_at = Instant::now();
+    assert_eq!(pushed["version"], 2);
+    let mut all = Vec::new();
+    for c in clients {
+        all.extend(c.await.unwrap());
+    }
+    let failed: Vec<u16> = all.iter().filter(|s| s.status != 200).map(|s| s.status).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        all.len(),
+        &failed[..failed.len().min(10)]
+    );
+    let before = all.iter().filter(|s| s.version == "1").count();
+    let late_old: Vec<&Seen> =
+        all.iter().filter(|s| s.sent > pushed_at + Duration::from_secs(2) && s.version != "2").collect();
+    assert!(before > 0, "the old version served before the push");
+    assert!(late_old.is_empty(), "{} requests sent 2 s after the push were not served by version 2", late_old.len());
+    let after = all.iter().filter(|s| s.sent > pushed_at + Duration::from_secs(2)).count();
+    assert!(after > 0, "load continued past the switch window");
+    Arc::try_unwrap(server).ok().expect("clients done").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_are_batched() {
+    let server = Arc::new(TestServer::start("[models.encoder]\nmax_batch_size = 64").await);
+    server.push("encoder", "torch_bert.onnx").await;
+    let seq = 48;
+    let body = json!({ "inputs": [
+        { "name": "input_ids", "shape": [1, seq], "datatype": "INT64", "data": (0..seq).map(|i| 1 + i % 100).collect::<Vec<_>>() },
+        { "name": "attention_mask", "shape": [1, seq], "datatype": "INT64", "data": vec![1; seq] },
+        { "name": "token_type_ids", "shape": [1, seq], "datatype": "INT64", "data": vec![0; seq] },
+    ]})
+    .to_string();
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let (server, body) = (server.clone(), body.clone());
+        clients.push(tokio::spawn(async move {
+            for _ in 0..15 {
+                let r =
+                    server.client.post(server.url("/v2/models/encoder/infer")).body(body.clone()).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (_, stats) = server.get("/v2/models/encoder/stats").await;
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    let s = &stats["model_stats"][0];
+    let rows = s["inference_count"].as_f64().unwrap();
+    let batches = s["execution_count"].as_f64().unwrap();
+    assert_eq!(rows, 32.0 * 15.0, "every request ran once (warm-up is not counted)");
+    let mean = rows / batches;
+    println!("mean executed batch size {mean:.1} ({rows} rows in {batches} batches)");
+    assert!(mean > 4.0, "mean executed batch size {mean:.1} at concurrency 32 ({rows} rows in {batches} batches)");
+    Arc::try_unwrap(server).ok().expect("clients done").stop().await;
+}
