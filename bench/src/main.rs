@@ -1,1 +1,173 @@
-fn main() {}
+//! `algolink-bench`: a closed-loop load generator for any Open Inference Protocol v2 server.
+//!
+//! For each concurrency level, C clients send the same request back to back. Measurement windows
+//! repeat until three in a row agree on throughput within the stability threshold (as
+//! perf_analyzer does), then the last three windows are reported together: req/s and latency
+//! percentiles, as JSON lines on stdout.
+//!
+//!     algolink-bench --url http://127.0.0.1:8000 --model iris --request iris.json -c 1,16,32
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "Closed-loop load generator for Open Inference Protocol v2 servers")]
+struct Args {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Model name (the request goes to /v2/models/{model}/infer).
+    #[arg(long)]
+    model: String,
+    /// File holding the JSON inference request body to send.
+    #[arg(long)]
+    request: PathBuf,
+    /// Concurrency levels, comma-separated.
+    #[arg(short, long, value_delimiter = ',', default_value = "1")]
+    concurrency: Vec<usize>,
+    /// Length of one measurement window, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    window_ms: u64,
+    /// Windows must agree within this fraction to count as stable.
+    #[arg(long, default_value_t = 0.10)]
+    stability: f64,
+    /// Give up on stability after this many windows (the result is then marked unstable).
+    #[arg(long, default_value_t = 10)]
+    max_windows: usize,
+    /// Label added to every output line (e.g. the server's name).
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    label: String,
+    model: String,
+    concurrency: usize,
+    requests: usize,
+    errors: usize,
+    rps: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    windows: usize,
+    stable: bool,
+}
+
+struct Window {
+    latencies: Vec<Duration>,
+    errors: usize,
+    elapsed: Duration,
+}
+
+impl Window {
+    fn rps(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+async fn window(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Arc<Vec<u8>>,
+    concurrency: usize,
+    length: Duration,
+) -> Window {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (client, url, body, stop) = (client.clone(), url.to_string(), body.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = match client.post(&url).body(body.as_ref().clone()).send().await {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    latencies.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    let mut w = Window { latencies: Vec::new(), errors: 0, elapsed };
+    for t in tasks {
+        let (l, e) = t.await.expect("client task");
+        w.latencies.extend(l);
+        w.errors += e;
+    }
+    w
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let body = Arc::new(std::fs::read(&args.request).with_context(|| format!("reading {}", args.request.display()))?);
+    let url = format!("{}/v2/models/{}/infer", args.url.trim_end_matches('/'), args.model);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).tcp_nodelay(true).build()?;
+    // One request first: fail fast on a wrong URL or body.
+    let r = client.post(&url).body(body.as_ref().clone()).send().await.with_context(|| format!("POST {url}"))?;
+    anyhow::ensure!(r.status().is_success(), "{url} answered {}: {}", r.status(), r.text().await.unwrap_or_default());
+    for &c in &args.concurrency {
+        let length = Duration::from_millis(args.window_ms);
+        window(&client, &url, &body, c, length / 2).await; // warm-up, discarded
+        let mut windows: Vec<Window> = Vec::new();
+        let stable = loop {
+            windows.push(window(&client, &url, &body, c, length).await);
+            let n = windows.len();
+            if n >= 3 {
+                let last: Vec<f64> = windows[n - 3..].iter().map(Window::rps).collect();
+                let (lo, hi) = last.iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                if hi > 0.0 && (hi - lo) / hi <= args.stability {
+                    break true;
+                }
+            }
+            if n >= args.max_windows {
+                break false;
+            }
+        };
+        let n = windows.len();
+        let last = &windows[n.saturating_sub(3)..];
+        let mut latencies: Vec<Duration> = last.iter().flat_map(|w| w.latencies.iter().copied()).collect();
+        latencies.sort_unstable();
+        let elapsed: f64 = last.iter().map(|w| w.elapsed.as_secs_f64()).sum();
+        let report = Report {
+            label: args.label.clone(),
+            model: args.model.clone(),
+            concurrency: c,
+            requests: latencies.len(),
+            errors: last.iter().map(|w| w.errors).sum(),
+            rps: latencies.len() as f64 / elapsed,
+            p50_ms: percentile(&latencies, 0.50),
+            p90_ms: percentile(&latencies, 0.90),
+            p99_ms: percentile(&latencies, 0.99),
+            windows: n,
+            stable,
+        };
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}

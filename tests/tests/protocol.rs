@@ -293,3 +293,46 @@ async fn every_example_config_parses() {
     }
     assert!(seen >= 2, "expected the example configs in {}", dir.display());
 }
+
+#[tokio::test]
+async fn a_request_whose_client_left_never_reaches_the_device() {
+    let server = TestServer::start("[models.iris]\nmax_queue_delay_us = 1000000\nmax_batch_size = 8").await;
+    server.push("iris", "iris_logreg.onnx").await;
+    // The client gives up long before the batching delay lets the request run.
+    let gone = server
+        .client
+        .post(server.url("/v2/models/iris/infer"))
+        .timeout(std::time::Duration::from_millis(200))
+        .body(iris_request(1).to_string())
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client timed out");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(metrics.contains("algolink_cancelled_total{model=\"iris\",version=\"1\"} 1"), "{metrics}");
+    assert!(metrics.contains("algolink_inference_rows_total{model=\"iris\",version=\"1\"} 0"), "{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_the_serving_version_brings_back_the_previous_one() {
+    let server = TestServer::default().await;
+    server.push("iris", "iris_logreg.onnx").await;
+    server.push("iris", "iris_forest.onnx").await;
+    let (status, answer) = server.infer("/v2/models/iris/infer", &iris_request(1)).await;
+    assert_eq!((status, answer["model_version"].as_str()), (200, Some("2")));
+    let r = server.client.delete(server.url("/v1/models/iris/versions/2")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, answer) = server.infer("/v2/models/iris/infer", &iris_request(1)).await;
+    assert_eq!((status, answer["model_version"].as_str()), (200, Some("1")), "{answer}");
+    let r = server.client.delete(server.url("/v1/models/iris/versions/2")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "already deleted");
+    let (_, model) = server.get("/v1/models/iris").await;
+    let model: Value = serde_json::from_str(&model).unwrap();
+    assert_eq!(model["serving_version"], 1);
+    assert_eq!(model["versions"][0]["state"], "ready");
+    server.push("iris", "iris_forest.onnx").await;
+    let (_, answer) = server.infer("/v2/models/iris/infer", &iris_request(1)).await;
+    assert_eq!(answer["model_version"], "3", "a deleted number is not given again");
+    server.stop().await;
+}
