@@ -30,7 +30,7 @@ serve() { # name port config
   echo "algolink $1 did not start; see $work/$1.log" >&2; exit 1
 }
 push() { curl -sf --data-binary @"$3" "127.0.0.1:$1/v1/models/$2/versions" >/dev/null; }
-load() { "$bin/algolink-bench" --url "http://127.0.0.1:$1" --model "$2" --request "$3" -c "$4" --window-ms "$window" --label "$5"; }
+load() { "$bin/algolink-bench" --url "http://127.0.0.1:$1" --model "$2" --request "$3" -c "$4" --window-ms "$window" --label "$5" "${@:6}"; }
 
 serve batched 18000 ""
 push 18000 iris "$work/iris.onnx"
@@ -46,8 +46,9 @@ fi
   load 18000 iris "$work/iris.json" 16 algolink
   load 18002 iris "$work/iris.json" 16 fastapi-ort
   [[ ${PYTRITON:-0} == 1 ]] && load 18003 iris "$work/iris.json" 16 pytriton
-  load 18000 mlp "$work/mlp.json" 32 algolink-batched
-  load 18001 mlp "$work/mlp.json" 32 algolink-unbatched
+  # binary tensors, as perf_analyzer sends them: the MLP's 256 inputs are not parsed from JSON
+  load 18000 mlp "$work/mlp.json" 32 algolink-batched --binary
+  load 18001 mlp "$work/mlp.json" 32 algolink-unbatched --binary
   curl -s 127.0.0.1:18000/v2/models/mlp/stats | "$venv/bin/python" -c 'import json,sys; s=json.load(sys.stdin)["model_stats"][0]; print(json.dumps({"label":"algolink-batched","mean_batch":s["inference_count"]/s["execution_count"]}))'
 } | tee "$work/results.jsonl"
 

@@ -43,6 +43,46 @@ struct Args {
     /// Label added to every output line (e.g. the server's name).
     #[arg(long, default_value = "")]
     label: String,
+    /// Send the inputs and ask for the outputs with the binary tensor extension (as
+    /// perf_analyzer does by default) instead of JSON data.
+    #[arg(long)]
+    binary: bool,
+}
+
+/// Rewrites a JSON request into the binary tensor form: each input's data becomes raw
+/// little-endian bytes after the JSON header. Returns the body and the header length.
+fn to_binary(request: &[u8]) -> anyhow::Result<(Vec<u8>, usize)> {
+    fn flatten(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
+        match v {
+            serde_json::Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+            leaf => out.push(leaf.clone()),
+        }
+    }
+    let mut req: serde_json::Value = serde_json::from_slice(request)?;
+    let mut blobs = Vec::new();
+    for input in req["inputs"].as_array_mut().context("request has no inputs")? {
+        let mut leaves = Vec::new();
+        flatten(&input["data"], &mut leaves);
+        let mut raw = Vec::new();
+        for leaf in &leaves {
+            match input["datatype"].as_str().unwrap_or("") {
+                "FP32" => raw.extend_from_slice(&(leaf.as_f64().context("number")? as f32).to_le_bytes()),
+                "FP64" => raw.extend_from_slice(&leaf.as_f64().context("number")?.to_le_bytes()),
+                "INT64" => raw.extend_from_slice(&leaf.as_i64().context("integer")?.to_le_bytes()),
+                "INT32" => raw.extend_from_slice(&(leaf.as_i64().context("integer")? as i32).to_le_bytes()),
+                other => anyhow::bail!("--binary does not convert {other} inputs"),
+            }
+        }
+        let obj = input.as_object_mut().context("input is an object")?;
+        obj.remove("data");
+        obj.insert("parameters".into(), serde_json::json!({ "binary_data_size": raw.len() }));
+        blobs.extend(raw);
+    }
+    req["parameters"] = serde_json::json!({ "binary_data_output": true });
+    let mut body = serde_json::to_vec(&req)?;
+    let header = body.len();
+    body.extend(blobs);
+    Ok((body, header))
 }
 
 #[derive(Serialize)]
@@ -80,10 +120,27 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
+/// What every client sends.
+struct Request {
+    body: Vec<u8>,
+    /// `Inference-Header-Content-Length`, for binary bodies.
+    header: Option<usize>,
+}
+
+impl Request {
+    fn send(&self, client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+        let b = client.post(url).body(self.body.clone());
+        match self.header {
+            Some(n) => b.header("Inference-Header-Content-Length", n),
+            None => b,
+        }
+    }
+}
+
 async fn window(
     client: &reqwest::Client,
     url: &str,
-    body: &Arc<Vec<u8>>,
+    body: &Arc<Request>,
     concurrency: usize,
     length: Duration,
 ) -> Window {
@@ -97,7 +154,7 @@ async fn window(
             let mut errors = 0;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let ok = match client.post(&url).body(body.as_ref().clone()).send().await {
+                let ok = match body.send(&client, &url).send().await {
                     Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
                     Err(_) => false,
                 };
@@ -125,11 +182,17 @@ async fn window(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let body = Arc::new(std::fs::read(&args.request).with_context(|| format!("reading {}", args.request.display()))?);
+    let json = std::fs::read(&args.request).with_context(|| format!("reading {}", args.request.display()))?;
+    let body = Arc::new(if args.binary {
+        let (body, header) = to_binary(&json)?;
+        Request { body, header: Some(header) }
+    } else {
+        Request { body: json, header: None }
+    });
     let url = format!("{}/v2/models/{}/infer", args.url.trim_end_matches('/'), args.model);
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).tcp_nodelay(true).build()?;
     // One request first: fail fast on a wrong URL or body.
-    let r = client.post(&url).body(body.as_ref().clone()).send().await.with_context(|| format!("POST {url}"))?;
+    let r = body.send(&client, &url).send().await.with_context(|| format!("POST {url}"))?;
     anyhow::ensure!(r.status().is_success(), "{url} answered {}: {}", r.status(), r.text().await.unwrap_or_default());
     for &c in &args.concurrency {
         let length = Duration::from_millis(args.window_ms);

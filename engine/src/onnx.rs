@@ -20,8 +20,49 @@ type Plan = Arc<TypedRunnableModel>;
 
 pub struct OnnxModel {
     signature: Signature,
-    plan: Plan,
+    /// The plan's run state, reused from batch to batch (one executor runs a model at a time, so
+    /// the lock is uncontended; it saves re-allocating the state on every batch).
+    state: std::sync::Mutex<TypedSimpleState>,
+    per_batch: Option<PerBatchPlans>,
     input_dts: Vec<DatumType>,
+}
+
+/// Concrete-shape plans per batch size, made on first use. Each plan holds its own packed
+/// weights, so their number is bounded by [`PLAN_MEMORY_BUDGET`] over the model's size.
+struct PerBatchPlans {
+    /// The parsed model with symbolic batch inputs, re-typed for each batch size.
+    template: InferenceModel,
+    plans: std::sync::Mutex<std::collections::HashMap<usize, TypedSimpleState>>,
+    max_plans: usize,
+}
+
+const PLAN_MEMORY_BUDGET: usize = 256 << 20;
+
+impl PerBatchPlans {
+    fn plan_for(&self, batch: usize) -> TractResult<TypedSimpleState> {
+        let mut model = self.template.clone();
+        for i in 0..model.inputs.len() {
+            let mut fact = model.input_fact(i)?.clone();
+            fact.shape.set_dim(0, batch.to_dim());
+            model.set_input_fact(i, fact)?;
+        }
+        optimise(model)?.into_runnable()?.spawn()
+    }
+}
+
+/// Types and optimises a parsed model. Integer outputs computed from shapes (class labels) come
+/// out as symbolic dims: they are cast to INT64.
+fn optimise(model: InferenceModel) -> TractResult<TypedModel> {
+    let mut typed = model.into_typed()?;
+    let mut outlets = typed.output_outlets()?.to_vec();
+    for (i, outlet) in outlets.iter_mut().enumerate() {
+        if typed.outlet_fact(*outlet)?.datum_type == DatumType::TDim {
+            let cast = tract_onnx::tract_core::ops::cast::cast(i64::datum_type());
+            *outlet = typed.wire_node(format!("algolink.output{i}.to_i64"), cast, &[*outlet])?[0];
+        }
+    }
+    typed.select_output_outlets(&outlets)?;
+    typed.into_optimized()
 }
 
 impl OnnxModel {
@@ -47,6 +88,7 @@ impl OnnxModel {
         let mut model = onnx.model_for_proto_model(&proto).map_err(|e| classify(&e))?;
         // Unknown dims become symbols: tract needs them named to type the graph.
         let mut input_specs = Vec::new();
+        let mut batch_only = true;
         for (i, name) in input_names.iter().enumerate() {
             let fact = model.input_fact(i).map_err(|e| classify(&e))?.clone();
             let dt = fact
@@ -69,10 +111,12 @@ impl OnnxModel {
                     }
                     Some(dim) => {
                         spec_shape.push(-1);
+                        batch_only &= d == 0;
                         dims.push(dim);
                     }
                     None => {
                         spec_shape.push(-1);
+                        batch_only &= d == 0;
                         let sym = if d == 0 { "N".to_string() } else { format!("in{i}_d{d}") };
                         dims.push(model.sym(&sym).into());
                     }
@@ -86,19 +130,10 @@ impl OnnxModel {
                 .map_err(|e| classify(&e))?;
             input_specs.push(TensorSpec { name: name.clone(), datatype: datatype_of(dt)?, shape: spec_shape });
         }
-        let mut typed = model.into_typed().map_err(|e| classify(&e))?;
-        // Integer outputs computed from shapes (class labels) come out as symbolic dims: cast.
-        let mut outlets = typed.output_outlets().map_err(|e| classify(&e))?.to_vec();
-        for (i, outlet) in outlets.iter_mut().enumerate() {
-            if typed.outlet_fact(*outlet).map_err(|e| classify(&e))?.datum_type == DatumType::TDim {
-                let cast = tract_onnx::tract_core::ops::cast::cast(i64::datum_type());
-                *outlet = typed
-                    .wire_node(format!("algolink.output{i}.to_i64"), cast, &[*outlet])
-                    .map_err(|e| classify(&e))?[0];
-            }
-        }
-        typed.select_output_outlets(&outlets).map_err(|e| classify(&e))?;
-        let typed = typed.into_optimized().map_err(|e| classify(&e))?;
+        // Plans with a concrete batch size run faster than the symbolic one (tract specialises
+        // its kernels): when only the batch dim varies, batches of each size get their own plan.
+        let template = batch_only.then(|| model.clone());
+        let typed = optimise(model).map_err(|e| classify(&e))?;
         let mut output_specs = Vec::new();
         for (i, name) in output_names.iter().enumerate() {
             let fact = typed.output_fact(i).map_err(|e| classify(&e))?;
@@ -108,15 +143,23 @@ impl OnnxModel {
             output_specs.push(TensorSpec { name: name.clone(), datatype, shape });
         }
         let input_dts = input_specs.iter().map(|s| datum_of(s.datatype)).collect::<Result<_, _>>()?;
-        let plan = typed.into_runnable().map_err(|e| classify(&e))?;
+        let plan: Plan = typed.into_runnable().map_err(|e| classify(&e))?;
+        let state = std::sync::Mutex::new(plan.spawn().map_err(|e| classify(&e))?);
+        let max_plans = (PLAN_MEMORY_BUDGET / bytes.len().max(1)).min(64);
+        let per_batch = template.filter(|_| max_plans > 0).map(|template| PerBatchPlans {
+            template,
+            plans: Default::default(),
+            max_plans,
+        });
         Ok(OnnxModel {
+            per_batch,
             signature: Signature {
                 platform: "onnx_onnxv1".into(),
                 inputs: input_specs,
                 outputs: output_specs,
                 pad_to_longest: false,
             },
-            plan,
+            state,
             input_dts,
         })
     }
@@ -132,7 +175,25 @@ impl Model for OnnxModel {
         for (t, &dt) in inputs.iter().zip(&self.input_dts) {
             values.push(to_tract(t, dt)?.into_tvalue());
         }
-        let outputs = self.plan.run(values).map_err(|e| EngineError::Execution(format!("{e:#}")))?;
+        let exec = |e: TractError| EngineError::Execution(format!("{e:#}"));
+        // A batch that panicked leaves nothing behind that the next run depends on.
+        if let Some(per_batch) = &self.per_batch {
+            let batch = inputs.first().map_or(1, HostTensor::rows);
+            let mut plans = per_batch.plans.lock().unwrap_or_else(|p| p.into_inner());
+            if !plans.contains_key(&batch) && plans.len() < per_batch.max_plans {
+                // A model that types with the symbolic batch also types with a concrete one;
+                // if not, the symbolic plan below still serves.
+                if let Ok(plan) = per_batch.plan_for(batch) {
+                    plans.insert(batch, plan);
+                }
+            }
+            if let Some(state) = plans.get_mut(&batch) {
+                let outputs = state.run(values).map_err(exec)?;
+                return outputs.iter().map(from_tract).collect();
+            }
+        }
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let outputs = state.run(values).map_err(exec)?;
         outputs.iter().map(from_tract).collect()
     }
 }

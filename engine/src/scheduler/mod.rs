@@ -221,7 +221,9 @@ fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sta
     while let Some(batch) = rx.blocking_recv() {
         let total: usize = batch.rows.iter().sum();
         let start = Instant::now();
-        let result = model.run(batch.inputs);
+        // A panicking backend fails its batch, not the executor (and not every later request).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(batch.inputs)))
+            .unwrap_or_else(|_| Err(EngineError::Execution("the model panicked while running this batch".into())));
         stats.record_batch(total, start.elapsed());
         match result.and_then(|outputs| split_outputs(outputs, &batch.rows)) {
             Ok(per_request) => {

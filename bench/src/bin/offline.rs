@@ -1,0 +1,58 @@
+//! Offline engine throughput per batch size: the ceiling a server can reach for a model.
+//!
+//!     offline MODEL_FILE [BATCH_SIZES] [SECONDS_PER_SIZE]
+//!
+//! Feeds zeros (variable trailing dims get length 8) to the prepared model, one batch after
+//! another on this thread, and prints JSON lines: batch size, batches/s, rows/s.
+
+use std::time::{Duration, Instant};
+
+use algolink_engine::{LoadOptions, ModelFiles, Tensor, load_model};
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().ok_or_else(|| anyhow::anyhow!("usage: offline MODEL_FILE [1,8,32] [2]"))?;
+    let sizes: Vec<usize> =
+        args.next().unwrap_or_else(|| "1,8,32,128".into()).split(',').map(str::parse).collect::<Result<_, _>>()?;
+    let seconds: f64 = args.next().map_or(Ok(2.0), |s| s.parse())?;
+    let name = std::path::Path::new(&path).file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx").to_string();
+    let files = ModelFiles::from([(name, bytes::Bytes::from(std::fs::read(&path)?))]);
+    let model = load_model(&files, &LoadOptions { warmup_batch_sizes: sizes.clone(), ..Default::default() })?;
+    for n in sizes {
+        let inputs: Vec<Tensor> = model
+            .signature()
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape: Vec<usize> = spec
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if d >= 0 {
+                            d as usize
+                        } else if i == 0 {
+                            n
+                        } else {
+                            8
+                        }
+                    })
+                    .collect();
+                let size = spec.datatype.size().unwrap_or(1);
+                Tensor::from_raw(spec.datatype, shape.clone(), vec![0; shape.iter().product::<usize>() * size])
+            })
+            .collect::<Result<_, _>>()?;
+        let start = Instant::now();
+        let mut batches = 0u64;
+        while start.elapsed() < Duration::from_secs_f64(seconds) {
+            model.run(inputs.clone())?;
+            batches += 1;
+        }
+        let per_s = batches as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({ "model": path, "batch": n, "batches_per_s": per_s, "rows_per_s": per_s * n as f64 })
+        );
+    }
+    Ok(())
+}
