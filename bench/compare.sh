@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side by side, in one run on this machine: AlgoLink against the FastAPI + ONNX Runtime server
-# (../shared/peers), and AlgoLink with dynamic batching against itself without.
+# (../shared/peers), and AlgoLink with dynamic batching against itself without (two MLPs, binary
+# tensors: 256-1024-1024-10, and the compute-bound 512-2048-2048-10).
 #
 #   bench/compare.sh            # prints JSON lines per run, then the ratios
 #
@@ -35,8 +36,10 @@ load() { "$bin/algolink-bench" --url "http://127.0.0.1:$1" --model "$2" --reques
 serve batched 18000 ""
 push 18000 iris "$work/iris.onnx"
 push 18000 mlp "$work/mlp.onnx"
+push 18000 wide "$work/wide.onnx"
 serve unbatched 18001 $'[defaults]\nmax_batch_size = 1'
 push 18001 mlp "$work/mlp.onnx"
+push 18001 wide "$work/wide.onnx"
 pids+=("$("$peers/start" fastapi-ort "$work/iris.onnx" iris 18002 | tail -n 1)")
 if [[ ${PYTRITON:-0} == 1 ]]; then
   pids+=("$("$peers/start" pytriton "$work/iris.onnx" iris 18003 | tail -n 1)")
@@ -47,9 +50,11 @@ fi
   load 18002 iris "$work/iris.json" 16 fastapi-ort
   [[ ${PYTRITON:-0} == 1 ]] && load 18003 iris "$work/iris.json" 16 pytriton
   # binary tensors, as perf_analyzer sends them: the MLP's 256 inputs are not parsed from JSON
-  load 18000 mlp "$work/mlp.json" 32 algolink-batched --binary
-  load 18001 mlp "$work/mlp.json" 32 algolink-unbatched --binary
-  curl -s 127.0.0.1:18000/v2/models/mlp/stats | "$venv/bin/python" -c 'import json,sys; s=json.load(sys.stdin)["model_stats"][0]; print(json.dumps({"label":"algolink-batched","mean_batch":s["inference_count"]/s["execution_count"]}))'
+  for m in mlp wide; do
+    load 18000 $m "$work/$m.json" 32 "$m-batched" --binary
+    load 18001 $m "$work/$m.json" 32 "$m-unbatched" --binary
+    curl -s 127.0.0.1:18000/v2/models/$m/stats | "$venv/bin/python" -c 'import json,sys; s=json.load(sys.stdin)["model_stats"][0]; print(json.dumps({"label":sys.argv[1],"mean_batch":s["inference_count"]/s["execution_count"]}))' "$m-batched"
+  done
 } | tee "$work/results.jsonl"
 
 "$venv/bin/python" - "$work/results.jsonl" <<'PY'
@@ -64,7 +69,8 @@ print(f"iris c=16: algolink {a['rps']:.0f} req/s p99 {a['p99_ms']:.2f} ms | fast
 if "pytriton" in runs:
     t = runs["pytriton"]
     print(f"iris c=16: pytriton {t['rps']:.0f} req/s p99 {t['p99_ms']:.2f} ms | algolink/pytriton {a['rps'] / t['rps']:.2f}x")
-b, u = runs["algolink-batched"], runs["algolink-unbatched"]
-print(f"mlp 256-1024-1024-10 c=32: batched {b['rps']:.0f} req/s (mean batch {b['mean_batch']:.1f}) | unbatched {u['rps']:.0f} req/s"
-      f" | ratio {b['rps'] / u['rps']:.2f}x")
+for m, dims in [("mlp", "256-1024-1024-10"), ("wide", "512-2048-2048-10")]:
+    b, u = runs[m + "-batched"], runs[m + "-unbatched"]
+    print(f"{m} {dims} c=32: batched {b['rps']:.0f} req/s p99 {b['p99_ms']:.1f} ms (mean batch {b['mean_batch']:.1f})"
+          f" | unbatched {u['rps']:.0f} req/s p99 {u['p99_ms']:.1f} ms | ratio {b['rps'] / u['rps']:.2f}x")
 PY
