@@ -26,7 +26,7 @@ pub struct Config {
 pub struct ServerSection {
     /// Address to listen on.
     pub http: String,
-    /// Registry directory (SQLite database and model files).
+    /// Registry directory (SQLite database and model files); relative to the config file.
     pub data_dir: PathBuf,
     /// Largest inference request body.
     pub max_body_bytes: usize,
@@ -129,11 +129,15 @@ pub struct Preload {
 }
 
 impl Config {
-    /// Reads and checks a config file; relative preload paths become relative to it.
+    /// Reads and checks a config file; relative paths in it (data_dir, preloads) are relative
+    /// to the file's directory.
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         let mut config = Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if config.server.data_dir.is_relative() {
+            config.server.data_dir = base.join(&config.server.data_dir);
+        }
         for p in &mut config.preload {
             if p.path.is_relative() {
                 p.path = base.join(&p.path);

@@ -1,0 +1,87 @@
+//! The README's walk with the real `algolink` binary: serve with a config that preloads models,
+//! infer, `algolink push` a new version, `algolink models`, then stop gracefully with SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+#[tokio::test]
+async fn serve_push_models_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("algolink.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhttp = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n[[preload]]\nname = \"iris\"\npath = \"{}\"\n",
+            fixtures().join("iris_logreg.onnx").display()
+        ),
+    )
+    .unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_algolink"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
+    assert!(first_line.contains(&format!("127.0.0.1:{port}")), "{first_line}");
+    assert!(dir.path().join("data/registry.db").exists(), "data_dir is relative to the config file");
+
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let body =
+        r#"{"inputs":[{"name":"input","shape":[2,4],"datatype":"FP32","data":[[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}]}"#;
+    let answer: serde_json::Value =
+        client.post(format!("{url}/v2/models/iris/infer")).body(body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(answer["outputs"][0]["data"], serde_json::json!([0, 2]), "{answer}");
+
+    let push = Command::new(env!("CARGO_BIN_EXE_algolink"))
+        .args(["push", "--name", "iris", "--server", &url])
+        .arg(fixtures().join("iris_forest.onnx"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&push.stdout);
+    assert!(push.status.success(), "{out}{}", String::from_utf8_lossy(&push.stderr));
+    assert!(out.contains("iris version 2 (ready)"), "{out}");
+
+    let models = Command::new(env!("CARGO_BIN_EXE_algolink")).args(["models", "--server", &url]).output().unwrap();
+    let table = String::from_utf8_lossy(&models.stdout);
+    assert!(models.status.success());
+    let serving: Vec<&str> = table.lines().filter(|l| l.contains(" * ")).collect();
+    assert_eq!(serving.len(), 1, "{table}");
+    assert!(serving[0].starts_with("iris") && serving[0].contains(" 2 "), "{table}");
+    assert!(table.lines().all(|l| l.len() <= 80), "fits 80 columns:\n{table}");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_algolink"))
+        .args(["push", "--name", "iris", "--server", &url])
+        .arg(fixtures().join("iris_logreg.json"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a JSON file is not a model");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("push refused (400 Bad Request)"));
+
+    // SIGTERM: in-flight requests finish, then the process exits cleanly.
+    let status = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not stop after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
