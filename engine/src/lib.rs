@@ -17,7 +17,7 @@ pub mod tensor;
 
 pub use device::{Device, DeviceRequest};
 pub use error::EngineError;
-pub use load::{LoadOptions, ModelFiles, load_model, warm_up};
+pub use load::{LoadOptions, ModelFiles, SYNTHETIC_SEQ_LEN, load_model, warm_up, zero_inputs};
 pub use model::{Model, Signature, TensorSpec};
 pub use scheduler::{BatchConfig, InferRequest, Scheduler};
 pub use stats::Stats;

@@ -1,13 +1,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::model::Model;
-use crate::safetensors::find;
+use crate::model::{Model, Signature};
 use crate::{Device, EngineError, Tensor};
 
 /// The files of one model version by name: `model.onnx`, or `*.safetensors` with an optional
 /// `config.json` (and, later, `tokenizer.json`).
 pub type ModelFiles = BTreeMap<String, bytes::Bytes>;
+
+/// The files whose name ends with `suffix`.
+fn find<'a>(files: &'a ModelFiles, suffix: &str) -> Vec<(&'a String, &'a bytes::Bytes)> {
+    files.iter().filter(|(n, _)| n.ends_with(suffix)).collect()
+}
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -52,35 +56,39 @@ pub fn load_model(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
     Ok(model)
 }
 
-/// Runs one batch of zeros of each size through the model; variable trailing dims get length 8.
+/// Length given to variable non-batch dimensions (sequence lengths) of synthetic inputs.
+pub const SYNTHETIC_SEQ_LEN: usize = 8;
+
+/// Zero-filled inputs of `batch` rows for a signature; variable trailing dims get
+/// [`SYNTHETIC_SEQ_LEN`]. Used for warm-up and for offline benchmarks.
+pub fn zero_inputs(signature: &Signature, batch: usize) -> Result<Vec<Tensor>, EngineError> {
+    signature
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| match (d, i) {
+                    (d, _) if d >= 0 => d as usize,
+                    (_, 0) => batch,
+                    _ => SYNTHETIC_SEQ_LEN,
+                })
+                .collect();
+            let count = shape.iter().product::<usize>();
+            match spec.datatype.size() {
+                Some(size) => Tensor::from_raw(spec.datatype, shape, vec![0; count * size]),
+                None => Tensor::from_bytes(shape, vec![Vec::new(); count]),
+            }
+        })
+        .collect()
+}
+
+/// Runs one batch of zeros of each size through the model.
 pub fn warm_up(model: &dyn Model, batch_sizes: &[usize]) -> Result<(), EngineError> {
     for &n in batch_sizes {
-        let inputs = model
-            .signature()
-            .inputs
-            .iter()
-            .map(|spec| {
-                let shape: Vec<usize> = spec
-                    .shape
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| {
-                        if d >= 0 {
-                            d as usize
-                        } else if i == 0 {
-                            n
-                        } else {
-                            8
-                        }
-                    })
-                    .collect();
-                let count = shape.iter().product::<usize>();
-                match spec.datatype.size() {
-                    Some(size) => Tensor::from_raw(spec.datatype, shape, vec![0; count * size]),
-                    None => Tensor::from_bytes(shape, vec![Vec::new(); count]),
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let inputs = zero_inputs(model.signature(), n)?;
         let outputs =
             model.run(inputs).map_err(|e| EngineError::InvalidModel(format!("warm-up batch of {n} failed: {e}")))?;
         if outputs.len() != model.signature().outputs.len() {

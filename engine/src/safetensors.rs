@@ -10,8 +10,6 @@
 //!   INT64 [N, S]; output `sentence_embedding` FP32 [N, hidden], mean-pooled over the attention
 //!   mask as sentence-transformers computes it, L2-normalised when `normalize` is true (default).
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Module, Tensor as CTensor};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
@@ -275,11 +273,6 @@ impl Model for BertEncoder {
         };
         Ok(vec![to_host(&run().map_err(candle_err)?)?])
     }
-}
-
-/// Names of the files a model directory may hold, by role.
-pub(crate) fn find<'a>(files: &'a BTreeMap<String, bytes::Bytes>, suffix: &str) -> Vec<(&'a String, &'a bytes::Bytes)> {
-    files.iter().filter(|(n, _)| n.ends_with(suffix)).collect()
 }
 
 #[cfg(test)]

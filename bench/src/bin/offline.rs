@@ -2,12 +2,12 @@
 //!
 //!     offline MODEL_FILE [BATCH_SIZES] [SECONDS_PER_SIZE]
 //!
-//! Feeds zeros (variable trailing dims get length 8) to the prepared model, one batch after
+//! Feeds zeros (variable trailing dims get `SYNTHETIC_SEQ_LEN`) to the prepared model, one batch after
 //! another on this thread, and prints JSON lines: batch size, batches/s, rows/s.
 
 use std::time::{Duration, Instant};
 
-use algolink_engine::{LoadOptions, ModelFiles, Tensor, load_model};
+use algolink_engine::{LoadOptions, ModelFiles, load_model, zero_inputs};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -19,29 +19,7 @@ fn main() -> anyhow::Result<()> {
     let files = ModelFiles::from([(name, bytes::Bytes::from(std::fs::read(&path)?))]);
     let model = load_model(&files, &LoadOptions { warmup_batch_sizes: sizes.clone(), ..Default::default() })?;
     for n in sizes {
-        let inputs: Vec<Tensor> = model
-            .signature()
-            .inputs
-            .iter()
-            .map(|spec| {
-                let shape: Vec<usize> = spec
-                    .shape
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| {
-                        if d >= 0 {
-                            d as usize
-                        } else if i == 0 {
-                            n
-                        } else {
-                            8
-                        }
-                    })
-                    .collect();
-                let size = spec.datatype.size().unwrap_or(1);
-                Tensor::from_raw(spec.datatype, shape.clone(), vec![0; shape.iter().product::<usize>() * size])
-            })
-            .collect::<Result<_, _>>()?;
+        let inputs = zero_inputs(model.signature(), n)?;
         let start = Instant::now();
         let mut batches = 0u64;
         while start.elapsed() < Duration::from_secs_f64(seconds) {
