@@ -144,11 +144,13 @@ async fn infer_v(
     run_infer(&st, &name, Some(v), &headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::TooLarge(format!("request body is larger than the limit of {limit} bytes"));
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared_length(headers).is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
     axum::body::to_bytes(body, limit).await.map_err(|_| too_large())
@@ -308,7 +310,17 @@ async fn get_model(State(st): St, Path(name): Path<String>) -> Result<axum::Json
     Ok(axum::Json(model_json(&st, &m)))
 }
 
-async fn push_version(State(st): St, Path(name): Path<String>, body: Body) -> Result<Response, ApiError> {
+async fn push_version(
+    State(st): St,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = st.config.server.max_upload_bytes;
+    if declared_length(&headers).is_some_and(|n| n > limit) {
+        // Refuse before reading a byte; a body without Content-Length is cut at the limit instead.
+        return Err(ApiError::TooLarge(format!("upload is larger than the limit of {limit} bytes")));
+    }
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
     let record = st.push(&name, reader).await?;

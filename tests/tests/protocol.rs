@@ -197,6 +197,8 @@ async fn bad_uploads_are_refused_and_leave_the_registry_unchanged() {
     }
     let (status, bad_name) = server.push_bytes("../etc", onnx.clone()).await;
     assert!(status == 400 || status == 404, "bad name: {status} {bad_name}");
+    let (status, bad_name) = server.push_bytes("bad%20name", onnx.clone()).await;
+    assert!(status == 400 || status == 404, "bad name: {status} {bad_name}");
     let (_, models) = server.get("/v1/models").await;
     let models: Value = serde_json::from_str(&models).unwrap();
     assert_eq!(models.as_array().unwrap().len(), 1, "{models}");
@@ -334,5 +336,23 @@ async fn deleting_the_serving_version_brings_back_the_previous_one() {
     server.push("iris", "iris_forest.onnx").await;
     let (_, answer) = server.infer("/v2/models/iris/infer", &iris_request(1)).await;
     assert_eq!(answer["model_version"], "3", "a deleted number is not given again");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_upload_is_refused_with_413() {
+    let server = TestServer::start("[server]\nmax_upload_bytes = 1000").await;
+    let onnx = std::fs::read(fixture("torch_mlp.onnx")).unwrap();
+    assert!(onnx.len() > 1000);
+    let (status, answer) = server.push_bytes("m", onnx).await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("larger than the limit of 1000 bytes"), "{answer}");
+    // Streamed without a Content-Length, the upload is cut at the limit.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(vec![0u8; 400])).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let r = server.client.post(server.url("/v1/models/m/versions")).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let (_, models) = server.get("/v1/models").await;
+    assert_eq!(models, "[]");
     server.stop().await;
 }
