@@ -32,7 +32,8 @@ pub struct OnnxModel {
 struct PerBatchPlans {
     /// The parsed model with symbolic batch inputs, re-typed for each batch size.
     template: InferenceModel,
-    plans: std::sync::Mutex<std::collections::HashMap<usize, TypedSimpleState>>,
+    /// `None` remembers a size whose concrete plan failed to build: the symbolic plan serves it.
+    plans: std::sync::Mutex<std::collections::HashMap<usize, Option<TypedSimpleState>>>,
     max_plans: usize,
 }
 
@@ -182,12 +183,10 @@ impl Model for OnnxModel {
             let mut plans = per_batch.plans.lock().unwrap_or_else(|p| p.into_inner());
             if !plans.contains_key(&batch) && plans.len() < per_batch.max_plans {
                 // A model that types with the symbolic batch also types with a concrete one;
-                // if not, the symbolic plan below still serves.
-                if let Ok(plan) = per_batch.plan_for(batch) {
-                    plans.insert(batch, plan);
-                }
+                // if not, the symbolic plan below serves that size from now on.
+                plans.insert(batch, per_batch.plan_for(batch).ok());
             }
-            if let Some(state) = plans.get_mut(&batch) {
+            if let Some(Some(state)) = plans.get_mut(&batch) {
                 let outputs = state.run(values).map_err(exec)?;
                 return outputs.iter().map(from_tract).collect();
             }

@@ -50,12 +50,17 @@ pub fn load(weights: &[u8], config: &serde_json::Value, device: Device) -> Resul
     }
 }
 
+/// candle's message without the backtrace it appends when RUST_BACKTRACE is set.
+fn message(e: candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 fn candle_err(e: candle_core::Error) -> EngineError {
-    EngineError::Execution(e.to_string())
+    EngineError::Execution(message(e))
 }
 
 fn invalid(e: candle_core::Error) -> EngineError {
-    EngineError::InvalidModel(e.to_string())
+    EngineError::InvalidModel(message(e))
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq)]

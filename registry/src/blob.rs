@@ -89,13 +89,11 @@ impl BlobStore {
         Ok(Staged { path, sha256: hex::encode(hasher.finalize()), size, head })
     }
 
-    /// Makes a staged upload permanent under its hash (a no-op if the same bytes are stored).
+    /// Makes a staged upload permanent under its hash. The rename replaces a file of the same
+    /// name, so a stored copy that went bad is healed by pushing the same bytes again.
     pub async fn commit(&self, staged: Staged) -> Result<(), RegistryError> {
         let BlobStore::Local(local) = self;
         let dest = local.path_of(&staged.sha256);
-        if tokio::fs::try_exists(&dest).await? {
-            return Ok(());
-        }
         let root = local.root.clone();
         tokio::task::spawn_blocking(move || -> Result<(), RegistryError> {
             staged.path.persist(&dest).map_err(|e| RegistryError::Io(e.error))?;

@@ -63,7 +63,8 @@ impl From<RegistryError> for ApiError {
                 ApiError::NotFound(e.to_string())
             }
             RegistryError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
-            RegistryError::Corrupt { .. } | RegistryError::Database(_) | RegistryError::Io(_) => {
+            RegistryError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            RegistryError::Database(_) | RegistryError::Io(_) => {
                 tracing::error!("registry: {e}");
                 ApiError::Internal("registry storage error (see the server log)".into())
             }

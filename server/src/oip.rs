@@ -189,7 +189,8 @@ fn binary_to_tensor(name: &str, dtype: DataType, shape: Vec<usize>, raw: &[u8]) 
 /// Converts JSON data, flat or nested, into a tensor of the declared type and shape.
 fn json_to_tensor(name: &str, dtype: DataType, shape: Vec<usize>, data: &Value) -> Result<Tensor, ApiError> {
     let count = numel(&shape).ok_or_else(|| bad(format!("input {name:?}: shape {shape:?} overflows")))?;
-    let mut leaves: Vec<&Value> = Vec::with_capacity(count.min(1 << 20));
+    // Never reserve more than the request could hold: a huge shape with little data is refused below.
+    let mut leaves: Vec<&Value> = Vec::with_capacity(count.min(4096));
     flatten(data, &mut leaves, count)
         .map_err(|()| bad(format!("input {name:?}: shape {shape:?} needs {count} elements, data has more")))?;
     if leaves.len() != count {

@@ -135,53 +135,68 @@ impl AppState {
 
     async fn reconcile_locked(&self, name: &str, mut preloaded: Option<(u64, Arc<dyn Model>)>) -> Result<(), ApiError> {
         let settings = self.config.settings_for(name);
+        let policy = settings.version_policy.policy();
         let versions = match self.registry.model(name).await {
             Ok(m) => m.versions,
             Err(algolink_registry::RegistryError::ModelNotFound(_)) => Vec::new(),
             Err(e) => return Err(e.into()),
         };
-        let wanted = if self.unloaded.lock().expect("unloaded lock").contains(name) {
-            Vec::new()
-        } else {
-            let candidates: Vec<u64> =
-                versions.iter().filter(|v| v.state != VersionState::Failed).map(|v| v.version).collect();
-            aspired(&settings.version_policy.policy(), &candidates)
+        let held_back = self.unloaded.lock().expect("unloaded lock").contains(name);
+        let mut failed: Vec<u64> =
+            versions.iter().filter(|v| v.state == VersionState::Failed).map(|v| v.version).collect();
+        let wanted_given = |failed: &[u64]| -> Vec<u64> {
+            if held_back {
+                return Vec::new();
+            }
+            let candidates: Vec<u64> = versions.iter().map(|v| v.version).filter(|v| !failed.contains(v)).collect();
+            aspired(&policy, &candidates)
         };
-        let loaded = self.manager.loaded_versions(name);
-        for record in versions.iter().filter(|v| wanted.contains(&v.version) && !loaded.contains(&v.version)) {
+        // Load what the policy wants. A version that fails to load is marked failed and the policy
+        // is asked again, so that an older version can stand in; each round loads or fails one.
+        loop {
+            let wanted = wanted_given(&failed);
+            let loaded = self.manager.loaded_versions(name);
+            let Some(record) = versions.iter().find(|v| wanted.contains(&v.version) && !loaded.contains(&v.version))
+            else {
+                break;
+            };
             let model = match preloaded.take_if(|(v, _)| *v == record.version) {
                 Some((_, m)) => Ok(m),
                 None => self.load_version(record).await,
             };
             match model {
                 Ok(model) => {
+                    // Recorded first: a version that takes traffic is never missing from the registry.
+                    self.registry.set_state(name, record.version, VersionState::Ready, None).await?;
                     let stats = self.stats_for(name, record.version);
                     let scheduler = Scheduler::start(model, settings.batch_config(), stats);
-                    self.manager.install(
-                        name,
-                        record.version,
-                        Arc::new(Servable { name: name.into(), version: record.version, scheduler }),
-                    );
-                    self.registry.set_state(name, record.version, VersionState::Ready, None).await?;
+                    let servable = Servable { name: name.into(), version: record.version, scheduler };
+                    self.manager.install(name, record.version, Arc::new(servable));
                     tracing::info!(model = name, version = record.version, "ready");
                 }
                 Err(e) => {
                     tracing::error!(model = name, version = record.version, "load failed: {e}");
                     self.registry.set_state(name, record.version, VersionState::Failed, Some(&e.to_string())).await?;
+                    failed.push(record.version);
                 }
             }
         }
-        let now_loaded = self.manager.loaded_versions(name);
-        if let Some(&newest) = wanted.iter().find(|v| now_loaded.contains(v)) {
+        let wanted = wanted_given(&failed);
+        let loaded = self.manager.loaded_versions(name);
+        if let Some(&newest) = wanted.iter().find(|v| loaded.contains(v)) {
             self.manager.set_default(name, newest);
         }
-        for v in now_loaded.into_iter().filter(|v| !wanted.contains(v)) {
+        for &v in loaded.iter().filter(|v| !wanted.contains(v)) {
             // In-flight requests hold the version until they are answered; it unloads after.
             self.manager.remove(name, v);
-            if versions.iter().any(|r| r.version == v) {
-                self.registry.set_state(name, v, VersionState::Unloaded, None).await?;
-            }
             tracing::info!(model = name, version = v, "unloaded");
+        }
+        // Stored versions that do not serve (superseded, not pinned, held back) say so.
+        let loaded = self.manager.loaded_versions(name);
+        for r in versions.iter().filter(|r| !loaded.contains(&r.version) && !failed.contains(&r.version)) {
+            if matches!(r.state, VersionState::Loading | VersionState::Ready) {
+                self.registry.set_state(name, r.version, VersionState::Unloaded, None).await?;
+            }
         }
         Ok(())
     }
@@ -192,9 +207,10 @@ impl AppState {
 
     /// Repository API: load the model's versions per policy again.
     pub async fn load_model(&self, name: &str) -> Result<(), ApiError> {
+        let _guard = self.lifecycle.lock().await;
         self.registry.model(name).await?;
         self.unloaded.lock().expect("unloaded lock").remove(name);
-        self.reconcile(name, None).await?;
+        self.reconcile_locked(name, None).await?;
         if self.manager.default_version(name).is_none() {
             return Err(ApiError::BadRequest(format!("model {name:?} has no version that loads")));
         }
@@ -203,9 +219,10 @@ impl AppState {
 
     /// Repository API: unload every version of the model (files are kept).
     pub async fn unload_model(&self, name: &str) -> Result<(), ApiError> {
+        let _guard = self.lifecycle.lock().await;
         self.registry.model(name).await?;
         self.unloaded.lock().expect("unloaded lock").insert(name.to_string());
-        self.reconcile(name, None).await
+        self.reconcile_locked(name, None).await
     }
 
     pub async fn delete_version(&self, name: &str, version: u64) -> Result<VersionRecord, ApiError> {

@@ -100,3 +100,71 @@ async fn concurrent_requests_are_batched() {
     assert!(mean > 4.0, "mean executed batch size {mean:.1} at concurrency 32 ({rows} rows in {batches} batches)");
     Arc::try_unwrap(server).ok().expect("clients done").stop().await;
 }
+
+#[tokio::test]
+async fn a_version_that_no_longer_loads_is_marked_failed_and_the_previous_one_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = algolink_server::Config::default();
+        c.server.http = "127.0.0.1:0".into();
+        c.server.data_dir = dir.path().to_path_buf();
+        c
+    };
+    let client = reqwest::Client::new();
+    let sha2 = {
+        let running = algolink_server::start(config()).await.unwrap();
+        let url = format!("http://{}", running.addr);
+        for file in ["iris_logreg.onnx", "iris_forest.onnx"] {
+            let body = std::fs::read(algolink_tests::fixture(file)).unwrap();
+            let r = client.post(format!("{url}/v1/models/iris/versions")).body(body).send().await.unwrap();
+            assert_eq!(r.status(), 201);
+        }
+        let model: Value = client.get(format!("{url}/v1/models/iris")).send().await.unwrap().json().await.unwrap();
+        running.stop().await.unwrap();
+        model["versions"][1]["sha256"].as_str().unwrap().to_string()
+    };
+    // The newest version's file goes bad while the server is down.
+    std::fs::write(dir.path().join("blobs/sha256").join(&sha2), b"bit rot").unwrap();
+    let running = algolink_server::start(config()).await.unwrap();
+    let url = format!("http://{}", running.addr);
+    let answer: Value = client
+        .post(format!("{url}/v2/models/iris/infer"))
+        .body(iris_body())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["model_version"], "1", "{answer}");
+    let model: Value = client.get(format!("{url}/v1/models/iris")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(model["versions"][1]["state"], "failed", "{model}");
+    assert!(model["versions"][1]["reason"].as_str().unwrap().contains("corrupt"), "{model}");
+    assert_eq!(model["versions"][0]["state"], "ready", "{model}");
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_bad_request_does_not_fail_the_requests_batched_with_it() {
+    // Both requests wait out the delay and run as one padded batch; the long one is beyond the
+    // encoder's 64 positions.
+    let server = Arc::new(TestServer::start("[models.bert]\nmax_queue_delay_us = 300000\nmax_batch_size = 8").await);
+    server.push("bert", "st_bert.tar").await;
+    let request = |seq: usize| {
+        json!({ "inputs": [
+            { "name": "input_ids", "shape": [1, seq], "datatype": "INT64", "data": vec![5; seq] },
+            { "name": "attention_mask", "shape": [1, seq], "datatype": "INT64", "data": vec![1; seq] },
+            { "name": "token_type_ids", "shape": [1, seq], "datatype": "INT64", "data": vec![0; seq] },
+        ]})
+    };
+    let (short, long) = (request(6), request(100));
+    let (good, bad) =
+        tokio::join!(server.infer("/v2/models/bert/infer", &short), server.infer("/v2/models/bert/infer", &long));
+    assert_eq!(good.0, 200, "{}", good.1);
+    assert_eq!(good.1["outputs"][0]["shape"], json!([1, 32]));
+    assert_ne!(bad.0, 200, "{}", bad.1);
+    assert!(bad.1["error"].is_string(), "{}", bad.1);
+    let (_, stats) = server.get("/v2/models/bert/stats").await;
+    assert!(stats.contains("\"batch_size\":2"), "they did share a batch: {stats}");
+    Arc::try_unwrap(server).ok().expect("requests done").stop().await;
+}

@@ -45,7 +45,27 @@ impl Waiting for Pending {
 struct Shared {
     queue: Mutex<BatchQueue<Pending>>,
     wake: Notify,
+    /// The scheduler was dropped: the batcher ends once the queue is empty.
     closed: AtomicBool,
+    /// The batcher has ended (for any reason, a panic included): nothing more will be answered.
+    batcher_gone: AtomicBool,
+}
+
+/// Set when the batcher ends however it ends: answers whatever is still queued, so that no
+/// request waits for a reply that cannot come.
+struct BatcherExit(Arc<Shared>);
+
+impl Drop for BatcherExit {
+    fn drop(&mut self) {
+        self.0.batcher_gone.store(true, Ordering::Release);
+        let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+        for e in q.drain() {
+            let _ = e
+                .payload
+                .reply
+                .send(Err(EngineError::Unavailable("the version stopped before running this request".into())));
+        }
+    }
 }
 
 /// A formed batch on its way to the executor.
@@ -53,6 +73,9 @@ struct Batch {
     inputs: Vec<Tensor>,
     rows: Vec<usize>,
     replies: Vec<Reply>,
+    /// Each request's own inputs (unpadded), kept when several share the batch so that they can
+    /// run alone if the batch fails.
+    singles: Vec<Vec<Tensor>>,
 }
 
 /// The handle requests go through. Dropping it stops the batcher once the queue is empty and the
@@ -71,6 +94,7 @@ impl Scheduler {
             queue: Mutex::new(BatchQueue::new(config, pad)),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
+            batcher_gone: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel::<Batch>(1);
         tokio::spawn(batcher(shared.clone(), tx, pad, stats.clone()));
@@ -111,6 +135,9 @@ impl Scheduler {
         };
         {
             let mut q = self.shared.queue.lock().expect("queue lock");
+            if self.shared.batcher_gone.load(Ordering::Acquire) {
+                return Err(EngineError::Unavailable("this version's batcher has stopped".into()));
+            }
             if let Err((err, _)) = q.push(entry) {
                 return Err(match err {
                     PushError::QueueFull => {
@@ -148,6 +175,7 @@ fn shape_key(inputs: &[Tensor]) -> u64 {
 }
 
 async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats: Arc<Stats>) {
+    let _exit = BatcherExit(shared.clone());
     loop {
         // Wait for the executor's free slot first, so the batch is formed as late as possible.
         let Ok(permit) = tx.reserve().await else { return };
@@ -201,29 +229,26 @@ fn form_batch(entries: Vec<Entry<Pending>>, pad: bool) -> Result<Batch, (EngineE
     let (inputs_per_req, replies): (Vec<Vec<Tensor>>, Vec<Reply>) =
         entries.into_iter().map(|e| (e.payload.inputs, e.payload.reply)).unzip();
     let n_inputs = inputs_per_req[0].len();
-    let inputs = if inputs_per_req.len() == 1 {
-        inputs_per_req.into_iter().next().expect("one request")
-    } else {
-        let mut merged = Vec::with_capacity(n_inputs);
-        for i in 0..n_inputs {
-            let parts: Vec<&Tensor> = inputs_per_req.iter().map(|r| &r[i]).collect();
-            match Tensor::concat(&parts, pad) {
-                Ok(t) => merged.push(t),
-                Err(e) => return Err((e, replies)),
-            }
+    if inputs_per_req.len() == 1 {
+        let inputs = inputs_per_req.into_iter().next().expect("one request");
+        return Ok(Batch { inputs, rows, replies, singles: Vec::new() });
+    }
+    let mut inputs = Vec::with_capacity(n_inputs);
+    for i in 0..n_inputs {
+        let parts: Vec<&Tensor> = inputs_per_req.iter().map(|r| &r[i]).collect();
+        match Tensor::concat(&parts, pad) {
+            Ok(t) => inputs.push(t),
+            Err(e) => return Err((e, replies)),
         }
-        merged
-    };
-    Ok(Batch { inputs, rows, replies })
+    }
+    Ok(Batch { inputs, rows, replies, singles: inputs_per_req })
 }
 
 fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Stats>) {
     while let Some(batch) = rx.blocking_recv() {
         let total: usize = batch.rows.iter().sum();
         let start = Instant::now();
-        // A panicking backend fails its batch, not the executor (and not every later request).
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(batch.inputs)))
-            .unwrap_or_else(|_| Err(EngineError::Execution("the model panicked while running this batch".into())));
+        let result = run_guarded(model.as_ref(), batch.inputs);
         stats.record_batch(total, start.elapsed());
         match result.and_then(|outputs| split_outputs(outputs, &batch.rows)) {
             Ok(per_request) => {
@@ -231,17 +256,35 @@ fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sta
                     let _ = reply.send(Ok(outputs));
                 }
             }
-            Err(e) => {
-                let msg = e.to_string();
-                for reply in batch.replies {
-                    let _ = reply.send(Err(EngineError::Execution(msg.clone())));
+            Err(e) if batch.replies.len() == 1 => {
+                let _ = batch.replies.into_iter().next().expect("one reply").send(Err(as_execution(e)));
+            }
+            Err(_) => {
+                // One bad request must not fail its neighbours: run each on its own.
+                for (reply, inputs) in batch.replies.into_iter().zip(batch.singles) {
+                    let _ = reply.send(run_guarded(model.as_ref(), inputs).map_err(as_execution));
                 }
             }
         }
     }
 }
 
-/// Splits every output along dim 0 by the requests' rows; returns one output list per request.
+/// Runs the model; a panicking backend fails this call, not the executor thread (and so not
+/// every later request).
+fn run_guarded(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(inputs)))
+        .unwrap_or_else(|_| Err(EngineError::Execution("the model panicked while running this batch".into())))
+}
+
+/// Errors from the model are execution failures, except a request's own invalid input.
+fn as_execution(e: EngineError) -> EngineError {
+    match e {
+        EngineError::InvalidInput(_) | EngineError::Execution(_) => e,
+        other => EngineError::Execution(other.to_string()),
+    }
+}
+
+/// Splits every tensor along dim 0 by the requests' rows; returns one list per request.
 fn split_outputs(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>, EngineError> {
     let mut per_request: Vec<Vec<Tensor>> = rows.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
     for out in outputs {

@@ -148,7 +148,9 @@ impl<T: Waiting> BatchQueue<T> {
         let Some(oldest) = oldest else {
             return Next { decision: Decision::Idle, batch: Vec::new(), expired, cancelled };
         };
-        let due = oldest + self.config.max_queue_delay;
+        // A delay too large to add to an instant means "wait for a full batch".
+        let far = now + Duration::from_secs(86_400 * 365);
+        let due = oldest.checked_add(self.config.max_queue_delay).unwrap_or(far);
         let run = rows >= self.config.max_batch_size || self.config.preferred_batch_sizes.contains(&rows) || due <= now;
         if !run {
             // Wake up for the batch delay, or earlier when a queued deadline falls before it.
