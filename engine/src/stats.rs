@@ -54,10 +54,6 @@ impl Histogram {
         (buckets, self.count.load(Relaxed), self.sum_micro.load(Relaxed) as f64 / 1e6)
     }
 
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
     pub fn mean(&self) -> f64 {
         let n = self.count.load(Relaxed);
         if n == 0 { 0.0 } else { self.sum_micro.load(Relaxed) as f64 / 1e6 / n as f64 }

@@ -187,14 +187,6 @@ impl Tensor {
         }
     }
 
-    /// Size of the payload in bytes (for BYTES: the strings without their length prefixes).
-    pub fn byte_len(&self) -> usize {
-        match &self.data {
-            TensorData::Raw(r) => r.len(),
-            TensorData::Bytes(b) => b.iter().map(Vec::len).sum(),
-        }
-    }
-
     fn expect_dtype(&self, dtype: DataType) -> Result<(), EngineError> {
         if self.dtype != dtype {
             return Err(EngineError::InvalidInput(format!("expected {dtype}, got {}", self.dtype)));

@@ -21,10 +21,6 @@ pub struct Staged {
 }
 
 impl Staged {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub async fn read(&self) -> Result<Bytes, RegistryError> {
         Ok(Bytes::from(tokio::fs::read(&self.path).await?))
     }

@@ -72,15 +72,6 @@ impl<S> Manager<S> {
         self.models.read().expect("manager lock").get(name).and_then(|s| s.default)
     }
 
-    /// Every loaded (name, version, handle), sorted.
-    pub fn loaded(&self) -> Vec<(String, u64, Arc<S>)> {
-        let models = self.models.read().expect("manager lock");
-        let mut all: Vec<_> =
-            models.iter().flat_map(|(n, s)| s.versions.iter().map(move |(v, h)| (n.clone(), *v, h.clone()))).collect();
-        all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        all
-    }
-
     pub fn loaded_versions(&self, name: &str) -> Vec<u64> {
         self.models
             .read()
@@ -125,6 +116,7 @@ mod tests {
         assert_eq!(m.default_version("a"), Some(2));
         m.remove("a", 1);
         m.remove("a", 2);
-        assert!(m.loaded().is_empty());
+        assert!(m.loaded_versions("a").is_empty());
+        assert!(m.get("a", None).is_none());
     }
 }

@@ -1,6 +1,6 @@
 //! Model and version metadata in SQL, files in the blob store.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -94,7 +94,6 @@ pub struct ModelRecord {
 pub struct Registry {
     pool: SqlitePool,
     blobs: BlobStore,
-    data_dir: PathBuf,
 }
 
 fn now_ms() -> u64 {
@@ -116,11 +115,7 @@ impl Registry {
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         let blobs = BlobStore::Local(LocalBlobStore::open(data_dir)?);
-        Ok(Registry { pool, blobs, data_dir: data_dir.to_path_buf() })
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+        Ok(Registry { pool, blobs })
     }
 
     pub fn blobs(&self) -> &BlobStore {
