@@ -133,7 +133,9 @@ impl OnnxModel {
         }
         // Plans with a concrete batch size run faster than the symbolic one (tract specialises
         // its kernels): when only the batch dim varies, batches of each size get their own plan.
-        let template = batch_only.then(|| model.clone());
+        // (Models whose shapes are all fixed have nothing to specialise.)
+        let symbolic_batch = input_specs.iter().any(|s| s.shape.first() == Some(&-1));
+        let template = (batch_only && symbolic_batch).then(|| model.clone());
         let typed = optimise(model).map_err(|e| classify(&e))?;
         let mut output_specs = Vec::new();
         for (i, name) in output_names.iter().enumerate() {
@@ -177,7 +179,8 @@ impl Model for OnnxModel {
             values.push(to_tract(t, dt)?.into_tvalue());
         }
         let exec = |e: TractError| EngineError::Execution(format!("{e:#}"));
-        // A batch that panicked leaves nothing behind that the next run depends on.
+        // The locks below ignore poisoning: a batch that panicked leaves nothing behind that the
+        // next run depends on.
         if let Some(per_batch) = &self.per_batch {
             let batch = inputs.first().map_or(1, HostTensor::rows);
             let mut plans = per_batch.plans.lock().unwrap_or_else(|p| p.into_inner());
@@ -191,7 +194,7 @@ impl Model for OnnxModel {
                 return outputs.iter().map(from_tract).collect();
             }
         }
-        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = state.run(values).map_err(exec)?;
         outputs.iter().map(from_tract).collect()
     }
