@@ -6,6 +6,14 @@ pub enum RegistryError {
     ModelNotFound(String),
     #[error("model {model:?} has no version {version}")]
     VersionNotFound { model: String, version: u64 },
+    #[error("{0}")]
+    InvalidPolicy(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("alias {alias:?} of model {model:?} not found")]
+    AliasNotFound { model: String, alias: String },
+    #[error("experiment {0} not found")]
+    ExperimentNotFound(u64),
     #[error("invalid upload: {0}")]
     InvalidUpload(String),
     #[error("upload is larger than the limit of {limit} bytes")]

@@ -8,6 +8,8 @@
 mod artifact;
 mod blob;
 mod error;
+pub mod lifecycle;
+mod lifecycle_store;
 mod manager;
 mod names;
 pub mod policy;
@@ -16,6 +18,8 @@ mod store;
 pub use artifact::{ArtifactLimits, Format, unpack};
 pub use blob::{BlobStore, LocalBlobStore, Staged};
 pub use error::RegistryError;
+pub use lifecycle::validate_alias;
+pub use lifecycle_store::{Event, EventFilter};
 pub use manager::Manager;
 pub use names::validate_model_name;
 pub use store::{ModelRecord, Registry, VersionRecord, VersionState};

@@ -13,7 +13,10 @@ use crate::artifact::{ArtifactLimits, Format, unpack};
 use crate::blob::{BlobStore, LocalBlobStore, Staged};
 use crate::{RegistryError, validate_model_name};
 
-const SCHEMA: &str = r#"
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never edit
+/// one that shipped: append a new one.
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE IF NOT EXISTS models (
     name          TEXT PRIMARY KEY,
     next_version  INTEGER NOT NULL DEFAULT 1,
@@ -30,7 +33,58 @@ CREATE TABLE IF NOT EXISTS versions (
     reason        TEXT,
     PRIMARY KEY (model, version)
 );
-"#;
+"#,
+    r#"
+ALTER TABLE versions ADD COLUMN expires_at_ms INTEGER;
+CREATE TABLE tags (
+    model   TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    tag     TEXT NOT NULL,
+    PRIMARY KEY (model, version, tag),
+    FOREIGN KEY (model, version) REFERENCES versions(model, version) ON DELETE CASCADE
+);
+CREATE TABLE aliases (
+    model         TEXT NOT NULL REFERENCES models(name),
+    alias         TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (model, alias)
+);
+CREATE TABLE policies (
+    model         TEXT PRIMARY KEY REFERENCES models(name),
+    doc           TEXT NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE experiments (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL REFERENCES models(name),
+    doc   TEXT NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE TABLE outcomes (
+    experiment INTEGER NOT NULL REFERENCES experiments(id),
+    request    TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    value      REAL NOT NULL,
+    at_ms      INTEGER NOT NULL,
+    PRIMARY KEY (experiment, request)
+);
+CREATE TABLE events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms   INTEGER NOT NULL,
+    model   TEXT NOT NULL,
+    version INTEGER,
+    kind    TEXT NOT NULL,
+    message TEXT NOT NULL,
+    detail  TEXT NOT NULL
+);
+CREATE INDEX events_by_model ON events(model, id);
+CREATE TABLE webhook_cursors (
+    url        TEXT PRIMARY KEY,
+    last_event INTEGER NOT NULL
+);
+"#,
+];
 
 /// Lifecycle state of a version (TF Serving's harness: loading → ready → unloaded | failed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -44,6 +98,10 @@ pub enum VersionState {
     Unloaded,
     /// Loading failed; `reason` says why.
     Failed,
+    /// Rolled back as a canary; `reason` says which gate failed. Not loaded again by the policy.
+    Rejected,
+    /// Taken out of service by a retirement rule; `reason` says which. Files kept until deleted.
+    Retired,
 }
 
 impl VersionState {
@@ -53,7 +111,14 @@ impl VersionState {
             VersionState::Ready => "ready",
             VersionState::Unloaded => "unloaded",
             VersionState::Failed => "failed",
+            VersionState::Rejected => "rejected",
+            VersionState::Retired => "retired",
         }
+    }
+
+    /// Whether the version policy may load it.
+    pub fn servable(self) -> bool {
+        matches!(self, VersionState::Loading | VersionState::Ready | VersionState::Unloaded)
     }
 }
 
@@ -65,6 +130,8 @@ impl FromStr for VersionState {
             "ready" => VersionState::Ready,
             "unloaded" => VersionState::Unloaded,
             "failed" => VersionState::Failed,
+            "rejected" => VersionState::Rejected,
+            "retired" => VersionState::Retired,
             other => return Err(RegistryError::InvalidUpload(format!("unknown state {other:?} in the database"))),
         })
     }
@@ -81,6 +148,10 @@ pub struct VersionRecord {
     pub state: VersionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The version's time-to-live, as an instant (ms since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    pub tags: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -88,16 +159,30 @@ pub struct ModelRecord {
     pub name: String,
     pub created_at_ms: u64,
     pub versions: Vec<VersionRecord>,
+    /// Alias → version.
+    pub aliases: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug)]
 pub struct Registry {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
     blobs: BlobStore,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<(), RegistryError> {
+    let mut conn = pool.acquire().await?;
+    let done: i64 = sqlx::query("PRAGMA user_version").fetch_one(&mut *conn).await?.get(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PRAGMA user_version = {}", i + 1))).execute(&mut *tx).await?;
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 impl Registry {
@@ -113,7 +198,7 @@ impl Registry {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        migrate(&pool).await?;
         let blobs = BlobStore::Local(LocalBlobStore::open(data_dir)?);
         Ok(Registry { pool, blobs })
     }
@@ -169,6 +254,8 @@ impl Registry {
             created_at_ms: now,
             state,
             reason: None,
+            expires_at_ms: None,
+            tags: Vec::new(),
         })
     }
 
@@ -195,15 +282,15 @@ impl Registry {
     pub async fn models(&self) -> Result<Vec<ModelRecord>, RegistryError> {
         let rows = sqlx::query("SELECT name, created_at_ms FROM models ORDER BY name").fetch_all(&self.pool).await?;
         let mut versions = self.versions_of(None).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let name: String = r.get(0);
-                let (mine, rest): (Vec<_>, Vec<_>) = versions.drain(..).partition(|v| v.name == name);
-                versions = rest;
-                ModelRecord { name, created_at_ms: r.get::<i64, _>(1) as u64, versions: mine }
-            })
-            .collect())
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let name: String = r.get(0);
+            let (mine, rest): (Vec<_>, Vec<_>) = versions.drain(..).partition(|v| v.name == name);
+            versions = rest;
+            let aliases = self.aliases(&name).await?;
+            out.push(ModelRecord { name, created_at_ms: r.get::<i64, _>(1) as u64, versions: mine, aliases });
+        }
+        Ok(out)
     }
 
     pub async fn model(&self, name: &str) -> Result<ModelRecord, RegistryError> {
@@ -216,6 +303,7 @@ impl Registry {
             name: name.into(),
             created_at_ms: row.get::<i64, _>(0) as u64,
             versions: self.versions_of(Some(name)).await?,
+            aliases: self.aliases(name).await?,
         })
     }
 
@@ -230,16 +318,16 @@ impl Registry {
 
     /// Versions of one model, or of every model when `name` is `None`.
     async fn versions_of(&self, name: Option<&str>) -> Result<Vec<VersionRecord>, RegistryError> {
+        const COLUMNS: &str = "SELECT model, version, sha256, format, size, created_at_ms, state, reason, expires_at_ms, \
+            (SELECT group_concat(tag, char(10)) FROM (SELECT tag FROM tags t WHERE t.model = v.model \
+            AND t.version = v.version ORDER BY tag)) FROM versions v";
+        let (filtered, all) = (
+            format!("{COLUMNS} WHERE model = ? ORDER BY model, version"),
+            format!("{COLUMNS} ORDER BY model, version"),
+        );
         let q = match name {
-            Some(n) => sqlx::query(
-                "SELECT model, version, sha256, format, size, created_at_ms, state, reason FROM versions \
-                 WHERE model = ? ORDER BY model, version",
-            )
-            .bind(n),
-            None => sqlx::query(
-                "SELECT model, version, sha256, format, size, created_at_ms, state, reason FROM versions \
-                 ORDER BY model, version",
-            ),
+            Some(n) => sqlx::query(sqlx::AssertSqlSafe(filtered)).bind(n),
+            None => sqlx::query(sqlx::AssertSqlSafe(all)),
         };
         q.fetch_all(&self.pool)
             .await?
@@ -258,6 +346,11 @@ impl Registry {
                     created_at_ms: r.get::<i64, _>(5) as u64,
                     state: state.parse()?,
                     reason: r.get(7),
+                    expires_at_ms: r.get::<Option<i64>, _>(8).map(|v| v as u64),
+                    tags: r
+                        .get::<Option<String>, _>(9)
+                        .map(|t| t.split('\n').map(String::from).collect())
+                        .unwrap_or_default(),
                 })
             })
             .collect()
@@ -266,11 +359,15 @@ impl Registry {
     /// Deletes a version's row, and its file unless another version has the same bytes.
     pub async fn delete_version(&self, name: &str, version: u64) -> Result<VersionRecord, RegistryError> {
         let record = self.version(name, version).await?;
-        sqlx::query("DELETE FROM versions WHERE model = ? AND version = ?")
-            .bind(name)
-            .bind(version as i64)
-            .execute(&self.pool)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "DELETE FROM aliases WHERE model = ? AND version = ?",
+            "DELETE FROM tags WHERE model = ? AND version = ?",
+            "DELETE FROM versions WHERE model = ? AND version = ?",
+        ] {
+            sqlx::query(sql).bind(name).bind(version as i64).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         let still_used: i64 = sqlx::query("SELECT COUNT(*) FROM versions WHERE sha256 = ?")
             .bind(&record.sha256)
             .fetch_one(&self.pool)

@@ -6,13 +6,15 @@ use std::time::Instant;
 use algolink_engine::{InferRequest, TensorSpec};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -44,7 +46,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(get_model))
         .route("/v1/models/{name}/versions", post(push_version))
-        .route("/v1/models/{name}/versions/{version}", delete(delete_version))
+        .route("/v1/models/{name}/versions/{version}", delete(delete_version).patch(patch_version))
+        .route("/v1/models/{name}/aliases/{alias}", put(set_alias).delete(delete_alias))
+        .route("/v1/models/{name}/policy", get(get_policy).put(put_policy))
+        .route("/v1/models/{name}/route", get(get_route).put(put_route).delete(delete_route))
+        .route("/v1/models/{name}/rollout", get(get_rollout).post(start_rollout).delete(abort_rollout))
+        .route("/v1/models/{name}/rollout/promote", post(promote_rollout))
+        .route("/v1/models/{name}/experiments", post(start_experiment))
+        .route("/v1/experiments", get(list_experiments))
+        .route("/v1/experiments/{id}", get(get_experiment))
+        .route("/v1/experiments/{id}/stop", post(stop_experiment))
+        .route("/v1/experiments/{id}/conclude", post(conclude_experiment))
+        .route("/v1/feedback", post(feedback))
+        .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         // Bodies are read with our own limits (inference) or streamed to disk (uploads).
         .layer(DefaultBodyLimit::disable())
@@ -67,8 +81,13 @@ async fn server_metadata() -> axum::Json<Value> {
     axum::Json(json!({ "name": "algolink", "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS }))
 }
 
-fn parse_version(name: &str, version: &str) -> Result<u64, ApiError> {
-    version.parse::<u64>().map_err(|_| ApiError::NotFound(format!("model {name:?} has no version {version:?}")))
+/// A version number or an alias, as a path segment.
+fn parse_version(st: &AppState, name: &str, version: &str) -> Result<u64, ApiError> {
+    if let Ok(v) = version.parse::<u64>() {
+        return Ok(v);
+    }
+    st.alias(name, version)
+        .ok_or_else(|| ApiError::NotFound(format!("model {name:?} has no version or alias {version:?}")))
 }
 
 /// The loaded version that answers, or the right error: 404 for what does not exist, 503 for
@@ -114,7 +133,7 @@ async fn model_metadata_v(
     State(st): St,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let v = parse_version(&name, &version)?;
+    let v = parse_version(&st, &name, &version)?;
     metadata(&st, &name, Some(v)).await
 }
 
@@ -123,7 +142,7 @@ async fn model_ready(State(st): St, Path(name): Path<String>) -> Result<StatusCo
 }
 
 async fn model_ready_v(State(st): St, Path((name, version)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
-    let v = parse_version(&name, &version)?;
+    let v = parse_version(&st, &name, &version)?;
     servable(&st, &name, Some(v)).await.map(|_| StatusCode::OK)
 }
 
@@ -137,7 +156,7 @@ async fn infer_v(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let v = match parse_version(&name, &version) {
+    let v = match parse_version(&st, &name, &version) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
@@ -156,6 +175,54 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     axum::body::to_bytes(body, limit).await.map_err(|_| too_large())
 }
 
+/// The header naming the routing key (a user, a session): the same key always gets the same variant.
+pub const KEY_HEADER: &str = "x-algolink-key";
+/// Response headers: the variant (as the route names it) and the version that answered.
+pub const VARIANT_HEADER: &str = "x-algolink-variant";
+pub const VERSION_HEADER: &str = "x-algolink-version";
+
+/// An answered request, before encoding.
+struct Answer {
+    version: u64,
+    servable: Arc<Servable>,
+    call: oip::InferCall,
+    outputs: Vec<algolink_engine::Tensor>,
+}
+
+/// Runs a request on one version, recording its statistics.
+async fn attempt(servable: &Arc<Servable>, body: &Bytes, header_len: Option<usize>) -> Result<Answer, ApiError> {
+    let started = Instant::now();
+    let result = async {
+        let call = oip::parse_request(body, header_len, servable.scheduler.model().signature())?;
+        let outputs = servable
+            .scheduler
+            .infer(InferRequest { inputs: call.inputs.clone(), priority: call.priority, timeout: call.timeout })
+            .await?;
+        Ok(Answer { version: servable.version, servable: servable.clone(), call, outputs })
+    }
+    .await;
+    let elapsed = started.elapsed();
+    servable.stats().record_request(elapsed, result.is_ok());
+    servable.traffic.record(elapsed, result.as_ref().err().is_some_and(ApiError::is_server_error));
+    result
+}
+
+/// The routing key of a request: the header, else the request's `id`.
+fn routing_key(headers: &HeaderMap, body: &Bytes, header_len: Option<usize>) -> Option<String> {
+    if let Some(k) = headers.get(KEY_HEADER).and_then(|v| v.to_str().ok()) {
+        return Some(k.to_string());
+    }
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<Value>,
+    }
+    let json = &body[..header_len.unwrap_or(body.len()).min(body.len())];
+    match serde_json::from_slice::<IdOnly>(json).ok()?.id? {
+        Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    }
+}
+
 async fn run_infer(
     st: &AppState,
     name: &str,
@@ -163,29 +230,61 @@ async fn run_infer(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let (v, servable) = servable(st, name, version).await?;
-    let result =
-        async {
-            let body = read_body(body, headers, st.config.server.max_body_bytes).await?;
-            let header_len =
-                match headers.get(INFERENCE_HEADER) {
-                    None => None,
-                    Some(h) => Some(h.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
-                        ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
-                    })?),
-                };
-            let sig = servable.scheduler.model().signature();
-            let call = oip::parse_request(&body, header_len, sig)?;
-            let outputs = servable
-                .scheduler
-                .infer(InferRequest { inputs: call.inputs.clone(), priority: call.priority, timeout: call.timeout })
-                .await?;
-            oip::encode_response(name, v, &call, sig, &outputs)
+    enum Dispatch {
+        Direct(Arc<Servable>),
+        Routed(Arc<crate::lifecycle::Routing>),
+    }
+    let dispatch = match version.is_none().then(|| st.routing(name)).flatten() {
+        Some(r) => Dispatch::Routed(r),
+        None => Dispatch::Direct(servable(st, name, version).await?.1),
+    };
+    let body = read_body(body, headers, st.config.server.max_body_bytes).await?;
+    let header_len = match headers.get(INFERENCE_HEADER) {
+        None => None,
+        Some(h) => Some(
+            h.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| ApiError::BadRequest("Inference-Header-Content-Length is not a number".into()))?,
+        ),
+    };
+    let (answer, label) = match &dispatch {
+        Dispatch::Direct(s) => (attempt(s, &body, header_len).await?, None),
+        Dispatch::Routed(r) => {
+            let key = routing_key(headers, &body, header_len);
+            let i = r.pick(name, key.as_deref());
+            let mut served = i;
+            let mut result = attempt(&r.variants[i].servable, &body, header_len).await;
+            if let (Err(e), Some(f)) = (&result, r.fallback)
+                && e.is_server_error()
+                && f != i
+            {
+                tracing::warn!(
+                    model = name,
+                    version = r.variants[i].version,
+                    "canary failed ({e}); answered by the control"
+                );
+                served = f;
+                result = attempt(&r.variants[f].servable, &body, header_len).await;
+            }
+            let answer = result?;
+            if let Some(exp) = r.experiment {
+                let mut a = st.assignments.lock().expect("assignments lock");
+                for k in [answer.call.id.as_deref(), headers.get(KEY_HEADER).and_then(|v| v.to_str().ok())]
+                    .into_iter()
+                    .flatten()
+                {
+                    a.record(name, k, exp, answer.version);
+                }
+            }
+            if let Some(shadow) = r.mirrors(name, key.as_deref()) {
+                mirror(st, name, shadow, &answer);
+            }
+            (answer, Some(r.variants[served].label.clone()))
         }
-        .await;
-    servable.stats().record_request(started.elapsed(), result.is_ok());
-    let (body, header_len) = result?;
+    };
+    let sig = answer.servable.scheduler.model().signature();
+    let (body, header_len) = oip::encode_response(name, answer.version, &answer.call, sig, &answer.outputs)?;
     let mut response = Response::new(Body::from(body));
     let h = response.headers_mut();
     match header_len {
@@ -197,7 +296,36 @@ async fn run_infer(
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
     }
+    h.insert(VERSION_HEADER, HeaderValue::from(answer.version));
+    if let Some(label) = label.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        h.insert(VARIANT_HEADER, label);
+    }
     Ok(response)
+}
+
+/// Sends a copy of an answered request to the shadow version, off the request's path: its
+/// answer is compared with the primary's and recorded, never returned. Dropped when too many
+/// mirrors are in flight.
+fn mirror(st: &AppState, name: &str, shadow: &crate::lifecycle::RoutedVariant, answer: &Answer) {
+    let stats = st.shadow_for(name, shadow.version);
+    let Ok(permit) = st.shadow_slots.clone().try_acquire_owned() else {
+        stats.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return;
+    };
+    let servable = shadow.servable.clone();
+    let inputs = answer.call.inputs.clone();
+    let primary = answer.outputs.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        // The default (lowest) priority: a mirror never overtakes a live request in that queue.
+        let request = InferRequest { inputs, priority: u32::MAX, timeout: Some(std::time::Duration::from_secs(10)) };
+        let result = servable.scheduler.infer(request).await;
+        stats.traffic.record(started.elapsed(), result.is_err());
+        if let Ok(outputs) = result {
+            stats.compare(&primary, &outputs);
+        }
+        drop(permit);
+    });
 }
 
 #[derive(Deserialize, Default)]
@@ -286,7 +414,7 @@ async fn model_stats_v(
     State(st): St,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let v = parse_version(&name, &version)?;
+    let v = parse_version(&st, &name, &version)?;
     st.registry.version(&name, v).await?;
     Ok(stats_filtered(&st, Some(&name), Some(v)))
 }
@@ -295,9 +423,42 @@ fn model_json(st: &AppState, m: &algolink_registry::ModelRecord) -> Value {
     json!({
         "name": m.name,
         "created_at_ms": m.created_at_ms,
-        "serving_version": st.manager.default_version(&m.name),
+        "serving_version": st.serving_version(&m.name),
         "versions": m.versions,
+        "aliases": m.aliases,
+        "traffic": traffic_json(st, &m.name),
     })
+}
+
+/// Where unversioned requests go now: each variant's share, and the shadow.
+fn traffic_json(st: &AppState, name: &str) -> Value {
+    match st.routing(name) {
+        None => {
+            json!({ "variants": [{ "target": "latest", "version": st.manager.default_version(name), "percent": 100.0 }] })
+        }
+        Some(r) => {
+            let variants: Vec<Value> = r
+                .variants
+                .iter()
+                .zip(r.split.percents())
+                .map(|(v, p)| json!({ "target": v.label, "version": v.version, "percent": p }))
+                .collect();
+            let shadow = r.shadow.as_ref().map(|(p, v)| {
+                json!({ "target": v.label, "version": v.version, "percent": p, "stats": st.shadow_for(name, v.version).json() })
+            });
+            json!({ "variants": variants, "shadow": shadow, "experiment": r.experiment })
+        }
+    }
+}
+
+/// Query parameters, refused with a 400 that names the problem.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t).map_err(|e| ApiError::BadRequest(format!("bad query parameters: {}", e.body_text())))
+}
+
+/// A JSON body, refused with a 400 that names the problem.
+fn parse_json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed {what}: {e}")))
 }
 
 async fn list_models(State(st): St) -> Result<axum::Json<Value>, ApiError> {
@@ -310,12 +471,23 @@ async fn get_model(State(st): St, Path(name): Path<String>) -> Result<axum::Json
     Ok(axum::Json(model_json(&st, &m)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushParams {
+    /// The version retires this many seconds after the push.
+    ttl_s: Option<f64>,
+    /// Comma-separated tags.
+    tags: Option<String>,
+}
+
 async fn push_version(
     State(st): St,
     Path(name): Path<String>,
+    params: Result<Query<PushParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let params = query(params)?;
     let limit = st.config.server.max_upload_bytes;
     if declared_length(&headers).is_some_and(|n| n > limit) {
         // Refuse before reading a byte; a body without Content-Length is cut at the limit instead.
@@ -324,6 +496,13 @@ async fn push_version(
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
     let record = st.push(&name, reader).await?;
+    if params.ttl_s.is_some() || params.tags.is_some() {
+        let patch = crate::control::VersionPatch {
+            tags: params.tags.map(|t| t.split(',').filter(|t| !t.is_empty()).map(String::from).collect()),
+            ttl_s: params.ttl_s.map(Some),
+        };
+        st.patch_version(&name, record.version, patch).await?;
+    }
     let body =
         json!({ "name": record.name, "version": record.version, "sha256": record.sha256, "state": record.state });
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
@@ -333,7 +512,7 @@ async fn delete_version(
     State(st): St,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let v = parse_version(&name, &version)?;
+    let v = parse_version(&st, &name, &version)?;
     let record = st.delete_version(&name, v).await?;
     Ok(axum::Json(json!({ "name": record.name, "version": record.version, "deleted": true })))
 }
@@ -341,4 +520,151 @@ async fn delete_version(
 async fn metrics(State(st): St) -> Response {
     let text = crate::metrics::render(&st);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn patch_version(
+    State(st): St,
+    Path((name, version)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let v = parse_version(&st, &name, &version)?;
+    Ok(axum::Json(st.patch_version(&name, v, parse_json(&body, "version patch")?).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AliasBody {
+    Version(u64),
+    Object { version: u64 },
+}
+
+async fn set_alias(
+    State(st): St,
+    Path((name, alias)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let version = match parse_json::<AliasBody>(&body, "alias (send {\"version\": N})")? {
+        AliasBody::Version(v) | AliasBody::Object { version: v } => v,
+    };
+    Ok(axum::Json(st.set_alias(&name, &alias, version).await?))
+}
+
+async fn delete_alias(
+    State(st): St,
+    Path((name, alias)): Path<(String, String)>,
+) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.delete_alias(&name, &alias).await?))
+}
+
+async fn get_policy(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    st.registry.model(&name).await?;
+    let policy = st.registry.policy(&name).await?;
+    Ok(axum::Json(serde_json::to_value(policy).unwrap_or(Value::Null)))
+}
+
+async fn put_policy(State(st): St, Path(name): Path<String>, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.set_policy(&name, parse_json(&body, "policy")?, "").await?))
+}
+
+async fn get_route(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    st.registry.model(&name).await?;
+    let policy = st.registry.policy(&name).await?;
+    Ok(axum::Json(json!({ "model": name, "route": policy.route, "traffic": traffic_json(&st, &name) })))
+}
+
+async fn put_route(State(st): St, Path(name): Path<String>, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.set_route(&name, Some(parse_json(&body, "route")?)).await?))
+}
+
+async fn delete_route(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.set_route(&name, None).await?))
+}
+
+async fn get_rollout(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    st.registry.model(&name).await?;
+    let policy = st.registry.policy(&name).await?;
+    Ok(axum::Json(json!({ "model": name, "rollout": policy.active_rollout, "policy": policy.rollout })))
+}
+
+async fn start_rollout(State(st): St, Path(name): Path<String>, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.start_rollout(&name, parse_json(&body, "rollout")?).await?))
+}
+
+async fn abort_rollout(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.finish_rollout(&name, false, "rolled back by request", Value::Null).await?))
+}
+
+async fn promote_rollout(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.finish_rollout(&name, true, "promoted by request", Value::Null).await?))
+}
+
+async fn start_experiment(State(st): St, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let spec = if body.is_empty() { parse_json(b"{}", "experiment")? } else { parse_json(&body, "experiment")? };
+    Ok((StatusCode::CREATED, axum::Json(st.start_experiment(&name, spec).await?)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExperimentQuery {
+    model: Option<String>,
+}
+
+async fn list_experiments(
+    State(st): St,
+    q: Result<Query<ExperimentQuery>, QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let q = query(q)?;
+    let list = st.registry.experiments(q.model.as_deref()).await?;
+    Ok(axum::Json(serde_json::to_value(list).unwrap_or(Value::Null)))
+}
+
+fn parse_id(id: &str) -> Result<u64, ApiError> {
+    id.parse().map_err(|_| ApiError::NotFound(format!("experiment {id:?} not found")))
+}
+
+async fn get_experiment(State(st): St, Path(id): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.experiment_report(parse_id(&id)?).await?))
+}
+
+async fn stop_experiment(State(st): St, Path(id): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(st.end_experiment(parse_id(&id)?, None).await?))
+}
+
+async fn conclude_experiment(
+    State(st): St,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let c = if body.is_empty() { crate::control::Conclusion::default() } else { parse_json(&body, "conclusion")? };
+    Ok(axum::Json(st.end_experiment(parse_id(&id)?, Some(c)).await?))
+}
+
+async fn feedback(State(st): St, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
+    let items = match parse_json::<Value>(&body, "feedback")? {
+        v @ Value::Array(_) => serde_json::from_value::<Vec<crate::control::Feedback>>(v),
+        v => serde_json::from_value::<crate::control::Feedback>(v).map(|f| vec![f]),
+    }
+    .map_err(|e| ApiError::BadRequest(format!("malformed feedback: {e}")))?;
+    Ok(axum::Json(st.feedback(items).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    model: Option<String>,
+    kind: Option<String>,
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn events(State(st): St, q: Result<Query<EventQuery>, QueryRejection>) -> Result<axum::Json<Value>, ApiError> {
+    let q = query(q)?;
+    let filter = algolink_registry::EventFilter {
+        model: q.model,
+        kind: q.kind,
+        after: q.after,
+        limit: q.limit.unwrap_or(100).min(1000),
+    };
+    let list = st.registry.events(&filter).await?;
+    Ok(axum::Json(serde_json::to_value(list).unwrap_or(Value::Null)))
 }

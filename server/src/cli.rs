@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
+use serde_json::json;
 
 #[derive(Parser, Debug)]
 #[command(name = "algolink", version, about = "Push a model, serve it over Open Inference Protocol v2.")]
@@ -40,6 +41,315 @@ pub enum Command {
         #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000")]
         server: String,
     },
+    /// Point aliases (`champion`, `challenger`, any name) at versions.
+    Alias {
+        #[command(subcommand)]
+        action: AliasAction,
+        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
+        server: String,
+    },
+    /// Split a model's traffic between versions or aliases, and mirror some to a shadow.
+    Route {
+        #[command(subcommand)]
+        action: RouteAction,
+        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
+        server: String,
+    },
+    /// Roll a canary out by steps behind health gates, or stop it.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
+        server: String,
+    },
+    /// Compare a route's variants on a business outcome with an always-valid sequential test.
+    Experiment {
+        #[command(subcommand)]
+        action: ExperimentAction,
+        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
+        server: String,
+    },
+    /// The lifecycle event log.
+    Events {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000")]
+        server: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AliasAction {
+    /// `alias set fraud champion 3`
+    Set { model: String, alias: String, version: u64 },
+    /// `alias rm fraud challenger`
+    Rm { model: String, alias: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RouteAction {
+    Show {
+        model: String,
+    },
+    /// `route set fraud champion=90 challenger=10 --shadow 4=20`
+    Set {
+        model: String,
+        /// TARGET=PERCENT, TARGET a version or an alias (weights only matter for fixed routes).
+        #[arg(required = true)]
+        variants: Vec<String>,
+        /// Shares follow Thompson sampling on the running experiment's outcomes.
+        #[arg(long)]
+        thompson: bool,
+        /// Least share per variant under --thompson, percent.
+        #[arg(long, default_value_t = 5.0)]
+        floor: f64,
+        /// TARGET=PERCENT of requests mirrored to a shadow version.
+        #[arg(long)]
+        shadow: Option<String>,
+    },
+    /// Requests go to the newest version again.
+    Clear {
+        model: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolloutAction {
+    /// `rollout start fraud 4 --step 10 --interval 60 --max-weight 50`
+    Start {
+        model: String,
+        canary: String,
+        #[arg(long)]
+        control: Option<String>,
+        #[arg(long)]
+        step: Option<u32>,
+        #[arg(long)]
+        interval: Option<f64>,
+        #[arg(long)]
+        max_weight: Option<u32>,
+        #[arg(long)]
+        deadline: Option<f64>,
+    },
+    Show {
+        model: String,
+    },
+    /// Roll back now.
+    Abort {
+        model: String,
+    },
+    /// Promote now.
+    Promote {
+        model: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExperimentAction {
+    /// Start on the model's current route.
+    Start {
+        model: String,
+        /// conversion (0/1) or reward (any number).
+        #[arg(long, default_value = "conversion")]
+        goal: String,
+        #[arg(long)]
+        control: Option<String>,
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// The difference the test is tuned to find, in the outcome's unit.
+        #[arg(long)]
+        min_effect: Option<f64>,
+        #[arg(long)]
+        max_samples: Option<u64>,
+    },
+    List {
+        #[arg(long)]
+        model: Option<String>,
+    },
+    Show {
+        id: u64,
+    },
+    Stop {
+        id: u64,
+    },
+    /// Stop and promote the winner by moving an alias.
+    Conclude {
+        id: u64,
+        #[arg(long)]
+        winner: Option<u64>,
+        #[arg(long)]
+        alias: Option<String>,
+    },
+}
+
+/// Runs a client command against a server.
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    let pretty = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    match command {
+        Command::Serve { config, data, http } => serve(config, data, http).await,
+        Command::Push { path, name, server } => push(path, name, server).await,
+        Command::Models { server } => models(server).await,
+        Command::Alias { action, server } => {
+            let api = Api::new(&server);
+            pretty(match action {
+                AliasAction::Set { model, alias, version } => {
+                    api.call("PUT", &format!("/v1/models/{model}/aliases/{alias}"), Some(json!({ "version": version })))
+                        .await?
+                }
+                AliasAction::Rm { model, alias } => {
+                    api.call("DELETE", &format!("/v1/models/{model}/aliases/{alias}"), None).await?
+                }
+            });
+            Ok(())
+        }
+        Command::Route { action, server } => {
+            let api = Api::new(&server);
+            pretty(match action {
+                RouteAction::Show { model } => api.call("GET", &format!("/v1/models/{model}/route"), None).await?,
+                RouteAction::Clear { model } => api.call("DELETE", &format!("/v1/models/{model}/route"), None).await?,
+                RouteAction::Set { model, variants, thompson, floor, shadow } => {
+                    let pair = |s: &str| -> anyhow::Result<(String, f64)> {
+                        let (t, w) = s.split_once('=').unwrap_or((s, "0"));
+                        Ok((t.to_string(), w.parse().with_context(|| format!("{s}: expected TARGET=PERCENT"))?))
+                    };
+                    let variants = variants
+                        .iter()
+                        .map(|v| pair(v).map(|(t, w)| json!({ "target": t, "weight": w as u32 })))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let mut route = json!({ "variants": variants, "strategy": if thompson { "thompson" } else { "fixed" }, "floor": floor });
+                    if let Some(s) = shadow {
+                        let (t, p) = pair(&s)?;
+                        route["shadow"] = json!({ "target": t, "percent": p });
+                    }
+                    api.call("PUT", &format!("/v1/models/{model}/route"), Some(route)).await?
+                }
+            });
+            Ok(())
+        }
+        Command::Rollout { action, server } => {
+            let api = Api::new(&server);
+            pretty(match action {
+                RolloutAction::Start { model, canary, control, step, interval, max_weight, deadline } => {
+                    let mut body = json!({ "canary": canary });
+                    if let Some(c) = control {
+                        body["control"] = json!(c);
+                    }
+                    let mut policy = serde_json::Map::new();
+                    for (k, v) in [
+                        ("step", step.map(f64::from)),
+                        ("interval_s", interval),
+                        ("max_weight", max_weight.map(f64::from)),
+                        ("deadline_s", deadline),
+                    ] {
+                        if let Some(v) = v {
+                            policy.insert(
+                                k.into(),
+                                if k == "step" || k == "max_weight" { json!(v as u32) } else { json!(v) },
+                            );
+                        }
+                    }
+                    if !policy.is_empty() {
+                        body["policy"] = serde_json::Value::Object(policy);
+                    }
+                    api.call("POST", &format!("/v1/models/{model}/rollout"), Some(body)).await?
+                }
+                RolloutAction::Show { model } => api.call("GET", &format!("/v1/models/{model}/rollout"), None).await?,
+                RolloutAction::Abort { model } => {
+                    api.call("DELETE", &format!("/v1/models/{model}/rollout"), None).await?
+                }
+                RolloutAction::Promote { model } => {
+                    api.call("POST", &format!("/v1/models/{model}/rollout/promote"), None).await?
+                }
+            });
+            Ok(())
+        }
+        Command::Experiment { action, server } => {
+            let api = Api::new(&server);
+            pretty(match action {
+                ExperimentAction::Start { model, goal, control, alpha, min_effect, max_samples } => {
+                    let mut body = json!({ "goal": goal });
+                    for (k, v) in [
+                        ("control", control.map(|c| json!(c))),
+                        ("alpha", alpha.map(|v| json!(v))),
+                        ("min_effect", min_effect.map(|v| json!(v))),
+                        ("max_samples", max_samples.map(|v| json!(v))),
+                    ] {
+                        if let Some(v) = v {
+                            body[k] = v;
+                        }
+                    }
+                    api.call("POST", &format!("/v1/models/{model}/experiments"), Some(body)).await?
+                }
+                ExperimentAction::List { model } => {
+                    let q = model.map(|m| format!("?model={m}")).unwrap_or_default();
+                    api.call("GET", &format!("/v1/experiments{q}"), None).await?
+                }
+                ExperimentAction::Show { id } => api.call("GET", &format!("/v1/experiments/{id}"), None).await?,
+                ExperimentAction::Stop { id } => api.call("POST", &format!("/v1/experiments/{id}/stop"), None).await?,
+                ExperimentAction::Conclude { id, winner, alias } => {
+                    let body = json!({ "winner": winner, "alias": alias });
+                    api.call("POST", &format!("/v1/experiments/{id}/conclude"), Some(body)).await?
+                }
+            });
+            Ok(())
+        }
+        Command::Events { model, kind, limit, server } => {
+            let mut q = format!("?limit={limit}");
+            for (k, v) in [("model", model), ("kind", kind)] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={v}"));
+                }
+            }
+            let events = Api::new(&server).call("GET", &format!("/v1/events{q}"), None).await?;
+            for e in events.as_array().into_iter().flatten() {
+                println!(
+                    "{:>6}  {:<14} {:<16} {:>4}  {}",
+                    e["id"],
+                    e["kind"].as_str().unwrap_or("?"),
+                    e["model"].as_str().unwrap_or("?"),
+                    e["version"].as_u64().map(|v| v.to_string()).unwrap_or_default(),
+                    e["message"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A thin client of the management API: JSON in, JSON out, the server's error message on failure.
+struct Api {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    fn new(server: &str) -> Api {
+        Api { base: server.trim_end_matches('/').to_string(), client: reqwest::Client::new() }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut request = self.client.request(method, &url);
+        if let Some(b) = body {
+            request = request.json(&b);
+        }
+        let response = request.send().await.with_context(|| format!("asking {url}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!("{status}: {}", body["error"].as_str().unwrap_or("no message"));
+        }
+        Ok(body)
+    }
 }
 
 pub async fn serve(config: Option<PathBuf>, data: Option<PathBuf>, http: Option<String>) -> anyhow::Result<()> {

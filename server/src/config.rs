@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use algolink_engine::{BatchConfig, DeviceRequest};
+use algolink_registry::lifecycle::retire::RetirementRules;
+use algolink_registry::lifecycle::rollout::RolloutPolicy;
+use algolink_registry::lifecycle::route::RouteSpec;
 use algolink_registry::policy::VersionPolicy;
 use serde::Deserialize;
 
@@ -19,6 +22,34 @@ pub struct Config {
     pub models: BTreeMap<String, ModelOverrides>,
     /// Models pushed from files at start-up when the registry has no version of them yet.
     pub preload: Vec<Preload>,
+    /// URLs every lifecycle event is POSTed to.
+    pub webhooks: Vec<Webhook>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    /// Event kinds to send (`retired`, `promoted`, ...); empty: all.
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubled at each retry (up to 60 s).
+    #[serde(default = "default_backoff")]
+    pub backoff_ms: u64,
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_attempts() -> u32 {
+    5
+}
+fn default_backoff() -> u64 {
+    500
+}
+fn default_webhook_timeout() -> u64 {
+    10_000
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -34,6 +65,8 @@ pub struct ServerSection {
     pub max_upload_bytes: u64,
     /// Largest number of files in an uploaded model directory (tar).
     pub max_upload_entries: usize,
+    /// How often the lifecycle controller steps rollouts, bandits and retirement.
+    pub lifecycle_interval_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -44,6 +77,7 @@ impl Default for ServerSection {
             max_body_bytes: 64 << 20,
             max_upload_bytes: 8 << 30,
             max_upload_entries: 64,
+            lifecycle_interval_ms: 1000,
         }
     }
 }
@@ -118,6 +152,11 @@ pub struct ModelOverrides {
     pub max_queue_size: Option<usize>,
     pub warmup_batch_sizes: Option<Vec<usize>>,
     pub version_policy: Option<PolicySetting>,
+    /// Written to the registry at start-up (the config wins over the API's earlier changes).
+    pub route: Option<RouteSpec>,
+    pub retirement: Option<RetirementRules>,
+    /// New versions enter as canaries with this policy.
+    pub rollout: Option<RolloutPolicy>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -153,9 +192,22 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        for name in self.models.keys() {
+        for (name, o) in &self.models {
+            let at = |e: algolink_registry::RegistryError| anyhow::anyhow!("[models.{name}]: {e}");
             self.settings_for(name).check().map_err(|e| anyhow::anyhow!("[models.{name}]: {e}"))?;
+            o.route.as_ref().map(RouteSpec::validate).transpose().map_err(at)?;
+            o.retirement.as_ref().map(RetirementRules::validate).transpose().map_err(at)?;
+            o.rollout.as_ref().map(RolloutPolicy::validate).transpose().map_err(at)?;
         }
+        for w in &self.webhooks {
+            anyhow::ensure!(
+                w.url.starts_with("http://") || w.url.starts_with("https://"),
+                "[[webhooks]]: url {:?} must be http:// or https://",
+                w.url
+            );
+            anyhow::ensure!(w.max_attempts >= 1, "[[webhooks]]: max_attempts must be at least 1");
+        }
+        anyhow::ensure!(self.server.lifecycle_interval_ms >= 10, "[server]: lifecycle_interval_ms must be at least 10");
         self.defaults.check().map_err(|e| anyhow::anyhow!("[defaults]: {e}"))?;
         for p in &self.preload {
             algolink_registry::validate_model_name(&p.name)?;
@@ -234,5 +286,17 @@ mod tests {
         assert!(Config::parse("[defaults]\nmax_batch_size = 4\npreferred_batch_sizes = [8]").is_err());
         assert!(Config::parse("[[preload]]\nname = \"../x\"\npath = \"m.onnx\"").is_err());
         assert!(Config::parse("[models.a]\nversion_policy = \"latest\"").is_ok());
+        let route = "[models.a.route]\nvariants = [{ target = \"champion\", weight = 90 }, { target = 2, weight = 5 }]";
+        assert!(Config::parse(route).unwrap_err().to_string().contains("sum to 100"));
+        assert!(Config::parse("[models.a.rollout]\nstep = 0").is_err());
+        assert!(Config::parse("[[webhooks]]\nurl = \"ftp://x\"").is_err());
+        let c = Config::parse(
+            "[models.a.route]\nvariants = [{ target = \"champion\", weight = 90 }, { target = 2, weight = 10 }]\n\
+             shadow = { target = \"challenger\", percent = 5 }\n[models.a.retirement]\nidle_s = 60\n\
+             [models.a.rollout]\nstep = 5\ngates = { max_p99_ratio = 2.0 }\n[[webhooks]]\nurl = \"http://h/x\"",
+        )
+        .unwrap();
+        assert_eq!(c.models["a"].rollout.as_ref().unwrap().gates.max_p99_ratio, 2.0);
+        assert_eq!(c.webhooks[0].max_attempts, 5);
     }
 }

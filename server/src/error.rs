@@ -14,6 +14,8 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     TooLarge(String),
     #[error("{message}")]
     Unavailable { message: String, retry_after: Option<Duration> },
@@ -24,10 +26,17 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Whether the failure is the server's (counted against a version by the health gates), not
+    /// the client's.
+    pub fn is_server_error(&self) -> bool {
+        self.status().is_server_error()
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -58,10 +67,14 @@ impl From<EngineError> for ApiError {
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::InvalidName(_) | RegistryError::InvalidUpload(_) => ApiError::BadRequest(e.to_string()),
-            RegistryError::ModelNotFound(_) | RegistryError::VersionNotFound { .. } => {
-                ApiError::NotFound(e.to_string())
+            RegistryError::InvalidName(_) | RegistryError::InvalidUpload(_) | RegistryError::InvalidPolicy(_) => {
+                ApiError::BadRequest(e.to_string())
             }
+            RegistryError::Conflict(_) => ApiError::Conflict(e.to_string()),
+            RegistryError::ModelNotFound(_)
+            | RegistryError::VersionNotFound { .. }
+            | RegistryError::AliasNotFound { .. }
+            | RegistryError::ExperimentNotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
             RegistryError::Corrupt { .. } => ApiError::Internal(e.to_string()),
             RegistryError::Database(_) | RegistryError::Io(_) => {

@@ -4,10 +4,13 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
+pub mod lifecycle;
 pub mod metrics;
 pub mod oip;
 pub mod state;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,14 +25,14 @@ pub use state::AppState;
 pub struct Running {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
-    shutdown: tokio::sync::oneshot::Sender<()>,
+    shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Running {
     /// Stops accepting, lets in-flight requests finish, and waits for the server to end.
     pub async fn stop(self) -> std::io::Result<()> {
-        let _ = self.shutdown.send(());
+        let _ = self.shutdown.send(true);
         self.task.await.map_err(std::io::Error::other)?
     }
 }
@@ -44,14 +47,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let state = Arc::new(AppState::new(config, registry));
     state.start().await?;
     let app = api::router(state.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    for hook in state.config.webhooks.clone() {
+        tokio::spawn(webhooks::run(state.clone(), hook, rx.clone()));
+    }
+    tokio::spawn(controller(state.clone(), rx.clone()));
+    let mut stop = rx;
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = rx.await;
+                let _ = stop.wait_for(|&s| s).await;
             })
             .await
     });
     tracing::info!("listening on http://{addr}");
     Ok(Running { addr, state, shutdown: tx, task })
+}
+
+/// Runs the lifecycle controller every `lifecycle_interval_ms` until shutdown.
+async fn controller(state: Arc<AppState>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(state.config.server.lifecycle_interval_ms));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => state.tick().await,
+            _ = shutdown.changed() => return,
+        }
+    }
 }

@@ -1,4 +1,4 @@
-use algolink_server::cli::{Cli, Command};
+use algolink_server::cli::Cli;
 use clap::Parser;
 
 #[tokio::main]
@@ -10,9 +10,5 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Serve { config, data, http } => algolink_server::cli::serve(config, data, http).await,
-        Command::Push { path, name, server } => algolink_server::cli::push(path, name, server).await,
-        Command::Models { server } => algolink_server::cli::models(server).await,
-    }
+    algolink_server::cli::run(Cli::parse().command).await
 }

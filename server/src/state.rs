@@ -1,22 +1,31 @@
 //! The server's shared state and the lifecycle of versions: push, load, swap, unload.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use algolink_engine::{LoadOptions, Model, Scheduler, Stats, load_model};
+use algolink_registry::lifecycle::ModelPolicy;
+use algolink_registry::lifecycle::rollout::Rollout;
+use algolink_registry::lifecycle::route::Target;
 use algolink_registry::policy::aspired;
-use algolink_registry::{ArtifactLimits, Format, Manager, Registry, VersionRecord, VersionState};
+use algolink_registry::{ArtifactLimits, Format, Manager, Registry, RegistryError, VersionRecord, VersionState};
+use serde_json::{Value, json};
 use tokio::io::AsyncRead;
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::lifecycle::{Assignments, LiveExperiment, Mark, Routing, ShadowStats, TrafficStats, build_routing, now_ms};
 
 /// A loaded version: its model behind a scheduler.
 pub struct Servable {
     pub name: String,
     pub version: u64,
     pub scheduler: Scheduler,
+    /// What the HTTP layer measured (kept across reloads, like `stats`).
+    pub traffic: Arc<TrafficStats>,
+    /// When it was installed.
+    pub loaded_at_ms: u64,
 }
 
 impl Servable {
@@ -33,9 +42,26 @@ pub struct AppState {
     stats: Mutex<BTreeMap<(String, u64), Arc<Stats>>>,
     /// Models unloaded through the repository API: not loaded again until asked.
     unloaded: Mutex<HashSet<String>>,
-    /// Serialises lifecycle changes (push, delete, load, unload) so two never interleave.
-    lifecycle: tokio::sync::Mutex<()>,
+    /// Serialises lifecycle changes (push, delete, load, unload, traffic) so two never interleave.
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
     ready: AtomicBool,
+    /// How requests naming no version are spread, per model with a route or a rollout.
+    routes: RwLock<HashMap<String, Arc<Routing>>>,
+    /// Aliases per model, for `/versions/{alias}` (the registry is the truth; refreshed on change).
+    aliases: RwLock<HashMap<String, BTreeMap<String, u64>>>,
+    traffic: Mutex<BTreeMap<(String, u64), Arc<TrafficStats>>>,
+    shadows: Mutex<BTreeMap<(String, u64), Arc<ShadowStats>>>,
+    /// Running experiments, by model.
+    pub(crate) experiments: Mutex<HashMap<String, LiveExperiment>>,
+    pub(crate) assignments: Mutex<Assignments>,
+    /// Current Thompson shares per model (route order).
+    pub(crate) thompson: Mutex<HashMap<String, Vec<f64>>>,
+    /// Traffic marks (canary, control) at the start of the current rollout step.
+    pub(crate) rollout_marks: Mutex<HashMap<String, (Mark, Mark)>>,
+    /// Bounds the mirrored requests in flight: shadow work is dropped, never queued.
+    pub shadow_slots: Arc<tokio::sync::Semaphore>,
+    /// Wakes the webhook workers when an event is appended.
+    pub events_appended: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -48,6 +74,68 @@ impl AppState {
             unloaded: Mutex::new(HashSet::new()),
             lifecycle: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
+            routes: RwLock::new(HashMap::new()),
+            aliases: RwLock::new(HashMap::new()),
+            traffic: Mutex::new(BTreeMap::new()),
+            shadows: Mutex::new(BTreeMap::new()),
+            experiments: Mutex::new(HashMap::new()),
+            assignments: Mutex::new(Assignments::new(1_000_000)),
+            thompson: Mutex::new(HashMap::new()),
+            rollout_marks: Mutex::new(HashMap::new()),
+            shadow_slots: Arc::new(tokio::sync::Semaphore::new(64)),
+            events_appended: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// The routing of a model's unversioned requests, when it has a route or a rollout.
+    pub fn routing(&self, name: &str) -> Option<Arc<Routing>> {
+        self.routes.read().expect("routes lock").get(name).cloned()
+    }
+
+    /// The version an alias points at.
+    pub fn alias(&self, name: &str, alias: &str) -> Option<u64> {
+        self.aliases.read().expect("aliases lock").get(name).and_then(|a| a.get(alias).copied())
+    }
+
+    pub fn traffic_for(&self, name: &str, version: u64) -> Arc<TrafficStats> {
+        self.traffic.lock().expect("traffic lock").entry((name.to_string(), version)).or_default().clone()
+    }
+
+    /// The traffic mark of a version, if it ever took a request.
+    pub fn traffic_mark(&self, name: &str, version: u64) -> Option<Mark> {
+        self.traffic.lock().expect("traffic lock").get(&(name.to_string(), version)).map(|t| t.mark())
+    }
+
+    pub fn shadow_for(&self, name: &str, version: u64) -> Arc<ShadowStats> {
+        self.shadows.lock().expect("shadow lock").entry((name.to_string(), version)).or_default().clone()
+    }
+
+    pub fn shadow_stats(&self, name: &str) -> Vec<(u64, Arc<ShadowStats>)> {
+        self.shadows
+            .lock()
+            .expect("shadow lock")
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|((_, v), s)| (*v, s.clone()))
+            .collect()
+    }
+
+    /// The version answering most unversioned requests: a rollout's control, a route's first
+    /// variant, or the default version.
+    pub fn serving_version(&self, name: &str) -> Option<u64> {
+        match self.routing(name) {
+            Some(r) => r.fallback.or(Some(0)).and_then(|i| r.variants.get(i)).map(|v| v.version),
+            None => self.manager.default_version(name),
+        }
+    }
+
+    /// Appends to the event log and wakes the webhooks. A failure to record is logged, not
+    /// returned: the change it describes has already happened.
+    pub async fn event(&self, name: &str, version: Option<u64>, kind: &str, message: &str, detail: Value) {
+        tracing::info!(model = name, version, kind, "{message}");
+        match self.registry.append_event(name, version, kind, message, detail).await {
+            Ok(_) => self.events_appended.notify_waiters(),
+            Err(e) => tracing::error!(model = name, kind, "could not record the event: {e}"),
         }
     }
 
@@ -79,7 +167,9 @@ impl AppState {
             let v = self.push(&p.name, file).await.map_err(|e| anyhow::anyhow!("preload {}: {e}", p.name))?;
             tracing::info!(model = %p.name, version = v.version, "preloaded {}", p.path.display());
         }
+        self.load_experiments().await.map_err(|e| anyhow::anyhow!("loading experiments: {e}"))?;
         for model in self.registry.models().await? {
+            self.apply_config(&model.name).await.map_err(|e| anyhow::anyhow!("[models.{}]: {e}", model.name))?;
             if let Err(e) = self.reconcile(&model.name, None).await {
                 tracing::error!(model = %model.name, "could not load: {e}");
             }
@@ -105,10 +195,38 @@ impl AppState {
         })?;
         let _guard = self.lifecycle.lock().await;
         let record = self.registry.add_version(name, staged, format, VersionState::Loading).await?;
-        tracing::info!(model = name, version = record.version, sha256 = %record.sha256, "pushed");
+        let detail = json!({ "sha256": record.sha256, "size": record.size, "format": record.format });
+        self.event(name, Some(record.version), "pushed", &format!("version {} pushed", record.version), detail).await;
         self.unloaded.lock().expect("unloaded lock").remove(name);
+        if record.version == 1 {
+            // A new model takes the config's route, retirement and rollout settings.
+            drop(_guard);
+            self.apply_config(name).await?;
+            return self.finish_first_push(name, record.version, model).await;
+        }
+        // A model with a rollout policy takes new versions as canaries against what serves now.
+        let mut policy = self.registry.policy(name).await?;
+        if let (Some(rp), None, Some(control)) =
+            (policy.rollout.clone(), &policy.active_rollout, self.serving_version(name))
+        {
+            let rollout = Rollout::start(record.version, control, rp, policy.route.clone(), now_ms());
+            policy.active_rollout = Some(rollout.clone());
+            self.registry.set_policy(name, &policy).await?;
+            self.rollout_started(name, &rollout).await;
+        }
         self.reconcile_locked(name, Some((record.version, model))).await?;
         Ok(self.registry.version(name, record.version).await?)
+    }
+
+    async fn finish_first_push(
+        &self,
+        name: &str,
+        version: u64,
+        model: Arc<dyn Model>,
+    ) -> Result<VersionRecord, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        self.reconcile_locked(name, Some((version, model))).await?;
+        Ok(self.registry.version(name, version).await?)
     }
 
     async fn load_files(&self, name: &str, files: algolink_engine::ModelFiles) -> Result<Arc<dyn Model>, ApiError> {
@@ -133,26 +251,43 @@ impl AppState {
         self.reconcile_locked(name, preloaded).await
     }
 
-    async fn reconcile_locked(&self, name: &str, mut preloaded: Option<(u64, Arc<dyn Model>)>) -> Result<(), ApiError> {
+    pub(crate) async fn reconcile_locked(
+        &self,
+        name: &str,
+        mut preloaded: Option<(u64, Arc<dyn Model>)>,
+    ) -> Result<(), ApiError> {
         let settings = self.config.settings_for(name);
-        let policy = settings.version_policy.policy();
-        let versions = match self.registry.model(name).await {
-            Ok(m) => m.versions,
-            Err(algolink_registry::RegistryError::ModelNotFound(_)) => Vec::new(),
+        let (versions, aliases) = match self.registry.model(name).await {
+            Ok(m) => (m.versions, m.aliases),
+            Err(RegistryError::ModelNotFound(_)) => (Vec::new(), BTreeMap::new()),
             Err(e) => return Err(e.into()),
         };
+        let policy = if versions.is_empty() { ModelPolicy::default() } else { self.registry.policy(name).await? };
+        let version_policy = policy.version_policy.clone().unwrap_or_else(|| settings.version_policy.policy());
         let held_back = self.unloaded.lock().expect("unloaded lock").contains(name);
-        let mut failed: Vec<u64> =
-            versions.iter().filter(|v| v.state == VersionState::Failed).map(|v| v.version).collect();
-        let wanted_given = |failed: &[u64]| -> Vec<u64> {
+        let mut failed: Vec<u64> = versions.iter().filter(|v| !v.state.servable()).map(|v| v.version).collect();
+        let referenced = referenced_versions(&policy, &aliases);
+        let aspired_given = |failed: &[u64]| -> Vec<u64> {
             if held_back {
                 return Vec::new();
             }
             let candidates: Vec<u64> = versions.iter().map(|v| v.version).filter(|v| !failed.contains(v)).collect();
-            aspired(&policy, &candidates)
+            aspired(&version_policy, &candidates)
         };
-        // Load what the policy wants. A version that fails to load is marked failed and the policy
-        // is asked again, so that an older version can stand in; each round loads or fails one.
+        // The policy's versions, then those a route, a rollout or an alias names.
+        let wanted_given = |failed: &[u64]| -> Vec<u64> {
+            let mut wanted = aspired_given(failed);
+            if !held_back {
+                for &r in &referenced {
+                    if versions.iter().any(|v| v.version == r) && !failed.contains(&r) && !wanted.contains(&r) {
+                        wanted.push(r);
+                    }
+                }
+            }
+            wanted
+        };
+        // Load what is wanted. A version that fails to load is marked failed and the policy is
+        // asked again, so that an older version can stand in; each round loads or fails one.
         loop {
             let wanted = wanted_given(&failed);
             let loaded = self.manager.loaded_versions(name);
@@ -170,26 +305,51 @@ impl AppState {
                     self.registry.set_state(name, record.version, VersionState::Ready, None).await?;
                     let stats = self.stats_for(name, record.version);
                     let scheduler = Scheduler::start(model, settings.batch_config(), stats);
-                    let servable = Servable { name: name.into(), version: record.version, scheduler };
+                    let servable = Servable {
+                        name: name.into(),
+                        version: record.version,
+                        scheduler,
+                        traffic: self.traffic_for(name, record.version),
+                        loaded_at_ms: now_ms(),
+                    };
                     self.manager.install(name, record.version, Arc::new(servable));
-                    tracing::info!(model = name, version = record.version, "ready");
+                    self.event(
+                        name,
+                        Some(record.version),
+                        "ready",
+                        &format!("version {} loaded and warmed up", record.version),
+                        Value::Null,
+                    )
+                    .await;
                 }
                 Err(e) => {
                     tracing::error!(model = name, version = record.version, "load failed: {e}");
                     self.registry.set_state(name, record.version, VersionState::Failed, Some(&e.to_string())).await?;
+                    self.event(
+                        name,
+                        Some(record.version),
+                        "failed",
+                        &format!("version {} failed to load: {e}", record.version),
+                        Value::Null,
+                    )
+                    .await;
                     failed.push(record.version);
                 }
             }
         }
         let wanted = wanted_given(&failed);
         let loaded = self.manager.loaded_versions(name);
-        if let Some(&newest) = wanted.iter().find(|v| loaded.contains(v)) {
+        let newest = aspired_given(&failed).into_iter().chain(wanted.iter().copied()).find(|v| loaded.contains(v));
+        if let Some(newest) = newest {
             self.manager.set_default(name, newest);
         }
+        // The new routing is in place before anything it no longer uses is removed.
+        self.aliases.write().expect("aliases lock").insert(name.to_string(), aliases.clone());
+        self.install_routing(name, &policy, &aliases);
         for &v in loaded.iter().filter(|v| !wanted.contains(v)) {
             // In-flight requests hold the version until they are answered; it unloads after.
             self.manager.remove(name, v);
-            tracing::info!(model = name, version = v, "unloaded");
+            self.event(name, Some(v), "unloaded", &format!("version {v} unloaded"), Value::Null).await;
         }
         // Stored versions that do not serve (superseded, not pinned, held back) say so.
         let loaded = self.manager.loaded_versions(name);
@@ -199,6 +359,35 @@ impl AppState {
             }
         }
         Ok(())
+    }
+
+    /// Rebuilds the routing of a model's unversioned requests from its policy and what is loaded.
+    pub(crate) fn install_routing(&self, name: &str, policy: &ModelPolicy, aliases: &BTreeMap<String, u64>) {
+        let experiment = self.experiments.lock().expect("experiments lock").get(name).map(|l| l.experiment.clone());
+        let shares = self.thompson.lock().expect("thompson lock").get(name).cloned();
+        let routing = build_routing(policy, aliases, experiment.as_ref(), shares.as_deref(), |v| {
+            self.manager.get(name, Some(v)).map(|(_, s)| s)
+        });
+        let mut routes = self.routes.write().expect("routes lock");
+        match routing {
+            Some(r) => routes.insert(name.to_string(), Arc::new(r)),
+            None => routes.remove(name),
+        };
+    }
+
+    /// Records the start of a rollout (event and the first step's traffic marks).
+    pub(crate) async fn rollout_started(&self, name: &str, r: &Rollout) {
+        self.mark_rollout_step(name, r);
+        let message = format!(
+            "version {} enters as a canary at {}% against version {} (step {}% every {} s up to {}%)",
+            r.canary, r.weight, r.control, r.policy.step, r.policy.interval_s, r.policy.max_weight
+        );
+        self.event(name, Some(r.canary), "rollout_started", &message, json!({ "rollout": r })).await;
+    }
+
+    pub(crate) fn mark_rollout_step(&self, name: &str, r: &Rollout) {
+        let marks = (self.traffic_for(name, r.canary).mark(), self.traffic_for(name, r.control).mark());
+        self.rollout_marks.lock().expect("marks lock").insert(name.to_string(), marks);
     }
 
     fn stats_for(&self, name: &str, version: u64) -> Arc<Stats> {
@@ -228,8 +417,29 @@ impl AppState {
     pub async fn delete_version(&self, name: &str, version: u64) -> Result<VersionRecord, ApiError> {
         let _guard = self.lifecycle.lock().await;
         let record = self.registry.delete_version(name, version).await?;
+        self.event(name, Some(version), "deleted", &format!("version {version} deleted"), Value::Null).await;
         // The deleted version is no longer wanted: the next one loads before it is removed.
         self.reconcile_locked(name, None).await?;
         Ok(record)
     }
+}
+
+/// Versions a policy or an alias names, so they stay loaded: route variants and shadow, the
+/// rollout's canary and control, alias targets.
+fn referenced_versions(policy: &ModelPolicy, aliases: &BTreeMap<String, u64>) -> Vec<u64> {
+    let resolve = |t: &Target| match t {
+        Target::Version(v) => Some(*v),
+        Target::Alias(a) => aliases.get(a).copied(),
+    };
+    let mut out: Vec<u64> = Vec::new();
+    if let Some(r) = &policy.route {
+        out.extend(r.targets().filter_map(resolve));
+    }
+    if let Some(r) = &policy.active_rollout {
+        out.extend([r.control, r.canary]);
+    }
+    out.extend(aliases.values().copied());
+    out.sort_unstable();
+    out.dedup();
+    out
 }

@@ -1,0 +1,681 @@
+//! Lifecycle operations on the server state (aliases, routes, rollouts, experiments, feedback,
+//! retirement) and the controller that applies the registry's policies once per tick.
+//!
+//! Every change that moves traffic holds the lifecycle lock, records the registry first, then
+//! reconciles: versions a new route needs are loaded before the routing switches, and versions it
+//! no longer needs are removed after (requests in flight finish on the handle they hold).
+
+use std::collections::{BTreeMap, HashMap};
+
+use algolink_registry::lifecycle::retire::retirements;
+use algolink_registry::lifecycle::rollout::Rollout;
+use algolink_registry::lifecycle::rollout::{self, Action, RolloutPolicy};
+use algolink_registry::lifecycle::route::{RouteSpec, Strategy, Target};
+use algolink_registry::lifecycle::stats::Verdict;
+use algolink_registry::lifecycle::{Experiment, ExperimentSpec, ExperimentState, ModelPolicy};
+use algolink_registry::{ModelRecord, VersionState};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::lifecycle::{LiveExperiment, now_ms, version_facts};
+use crate::state::AppState;
+
+/// An outcome reported after the fact for a request (by its id) or a routing key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feedback {
+    pub model: String,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The version that served the request (the response's `model_version`), when known.
+    #[serde(default)]
+    pub version: Option<u64>,
+    pub value: f64,
+}
+
+/// What `PATCH /v1/models/{name}/versions/{version}` may change.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionPatch {
+    pub tags: Option<Vec<String>>,
+    /// Seconds from now until the version retires; `null` clears it.
+    #[serde(default, deserialize_with = "some")]
+    pub ttl_s: Option<Option<f64>>,
+}
+
+fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
+}
+
+/// A request to start a rollout by hand.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    pub canary: Target,
+    #[serde(default)]
+    pub control: Option<Target>,
+    /// Default: the model's rollout policy, else the defaults.
+    #[serde(default)]
+    pub policy: Option<RolloutPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conclusion {
+    /// The version to promote; default: the variant the test found best.
+    #[serde(default)]
+    pub winner: Option<u64>,
+    /// The alias moved to the winner.
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+impl AppState {
+    fn resolve(&self, name: &str, aliases: &BTreeMap<String, u64>, t: &Target) -> Result<u64, ApiError> {
+        match t {
+            Target::Version(v) => Ok(*v),
+            Target::Alias(a) => aliases
+                .get(a)
+                .copied()
+                .ok_or_else(|| ApiError::BadRequest(format!("model {name:?} has no alias {a:?}"))),
+        }
+    }
+
+    /// Checks that every target of a policy names a servable version.
+    fn check_targets(&self, m: &ModelRecord, policy: &ModelPolicy) -> Result<(), ApiError> {
+        let Some(route) = &policy.route else { return Ok(()) };
+        for t in route.targets() {
+            let v = self.resolve(&m.name, &m.aliases, t)?;
+            let record = m.versions.iter().find(|r| r.version == v).ok_or_else(|| {
+                ApiError::BadRequest(format!("model {:?} has no version {v} (route target {t})", m.name))
+            })?;
+            if !record.state.servable() {
+                return Err(ApiError::Conflict(format!(
+                    "route target {t} is version {v}, which is {}{}",
+                    record.state.as_str(),
+                    record.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn set_alias(&self, name: &str, alias: &str, version: u64) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        let before = self.registry.set_alias(name, alias, version).await?;
+        let was = before.map(|b| format!(" (was {b})")).unwrap_or_default();
+        let message = format!("alias {alias} now points at version {version}{was}");
+        self.event(name, Some(version), "alias", &message, json!({ "alias": alias, "previous": before })).await;
+        self.reconcile_locked(name, None).await?;
+        Ok(json!({ "model": name, "alias": alias, "version": version, "previous": before }))
+    }
+
+    pub async fn delete_alias(&self, name: &str, alias: &str) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        let version = self.registry.delete_alias(name, alias).await?;
+        self.event(
+            name,
+            Some(version),
+            "alias",
+            &format!("alias {alias} removed (was {version})"),
+            json!({ "alias": alias }),
+        )
+        .await;
+        self.reconcile_locked(name, None).await?;
+        Ok(json!({ "model": name, "alias": alias, "deleted": true }))
+    }
+
+    pub async fn patch_version(&self, name: &str, version: u64, patch: VersionPatch) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        if let Some(tags) = &patch.tags {
+            self.registry.set_tags(name, version, tags).await?;
+        }
+        if let Some(ttl) = patch.ttl_s {
+            if ttl.is_some_and(|t| !(t >= 0.0 && t.is_finite())) {
+                return Err(ApiError::BadRequest("ttl_s must be a non-negative number of seconds or null".into()));
+            }
+            let expires = ttl.map(|t| now_ms() + (t * 1e3) as u64);
+            self.registry.set_expiry(name, version, expires).await?;
+            let message = match ttl {
+                Some(t) => format!("version {version} retires in {t} s"),
+                None => format!("version {version} has no time-to-live"),
+            };
+            self.event(name, Some(version), "policy", &message, json!({ "expires_at_ms": expires })).await;
+        }
+        Ok(serde_json::to_value(self.registry.version(name, version).await?).unwrap_or(Value::Null))
+    }
+
+    /// Replaces the model's policy document (version policy, route, retirement rules, rollout
+    /// policy). A rollout in progress is kept.
+    pub async fn set_policy(&self, name: &str, mut policy: ModelPolicy, source: &str) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        self.set_policy_locked(name, &mut policy, source).await?;
+        Ok(serde_json::to_value(&policy).unwrap_or(Value::Null))
+    }
+
+    async fn set_policy_locked(&self, name: &str, policy: &mut ModelPolicy, source: &str) -> Result<(), ApiError> {
+        policy.validate()?;
+        let m = self.registry.model(name).await?;
+        self.check_targets(&m, policy)?;
+        let before = self.registry.policy(name).await?;
+        policy.active_rollout = before.active_rollout.clone();
+        if *policy == before {
+            return Ok(());
+        }
+        self.registry.set_policy(name, policy).await?;
+        if policy.route != before.route {
+            let message = match &policy.route {
+                Some(r) => format!("route set{source}: {}", describe_route(r)),
+                None => format!("route removed{source}: requests go to the newest version"),
+            };
+            self.event(name, None, "traffic", &message, json!({ "route": policy.route, "previous": before.route }))
+                .await;
+        }
+        if (&policy.version_policy, &policy.retirement, &policy.rollout)
+            != (&before.version_policy, &before.retirement, &before.rollout)
+        {
+            let detail = json!({ "version_policy": policy.version_policy, "retirement": policy.retirement, "rollout": policy.rollout });
+            self.event(name, None, "policy", &format!("policy changed{source}"), detail).await;
+        }
+        self.reconcile_locked(name, None).await
+    }
+
+    /// Sets or clears the model's route, keeping the rest of its policy.
+    pub async fn set_route(&self, name: &str, route: Option<RouteSpec>) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        let mut policy = self.registry.policy(name).await?;
+        if policy.active_rollout.is_some() {
+            return Err(ApiError::Conflict(format!(
+                "model {name:?} has a rollout in progress: it owns the traffic until it is promoted or rolled back"
+            )));
+        }
+        policy.route = route;
+        self.set_policy_locked(name, &mut policy, "").await?;
+        Ok(json!({ "model": name, "route": policy.route }))
+    }
+
+    /// Applies the config file's `[models.NAME]` route, retirement and rollout settings to the
+    /// registry (the config wins over what the API set before the restart).
+    pub async fn apply_config(&self, name: &str) -> Result<(), ApiError> {
+        let Some(o) = self.config.models.get(name) else { return Ok(()) };
+        if o.route.is_none() && o.retirement.is_none() && o.rollout.is_none() {
+            return Ok(());
+        }
+        let _guard = self.lifecycle.lock().await;
+        let mut policy = self.registry.policy(name).await?;
+        if let Some(r) = &o.route {
+            policy.route = Some(r.clone());
+        }
+        if let Some(r) = &o.retirement {
+            policy.retirement = r.clone();
+        }
+        if let Some(r) = &o.rollout {
+            policy.rollout = Some(r.clone());
+        }
+        self.set_policy_locked(name, &mut policy, " from the config file").await
+    }
+
+    pub async fn start_rollout(&self, name: &str, req: RolloutRequest) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        let m = self.registry.model(name).await?;
+        let mut policy = self.registry.policy(name).await?;
+        if let Some(r) = &policy.active_rollout {
+            return Err(ApiError::Conflict(format!("version {} of {name:?} is already a canary", r.canary)));
+        }
+        let canary = self.resolve(name, &m.aliases, &req.canary)?;
+        let control = match &req.control {
+            Some(t) => self.resolve(name, &m.aliases, t)?,
+            None => self
+                .serving_version(name)
+                .ok_or_else(|| ApiError::Conflict(format!("model {name:?} serves no version to compare with")))?,
+        };
+        if canary == control {
+            return Err(ApiError::BadRequest(format!("the canary and the control are both version {canary}")));
+        }
+        for v in [canary, control] {
+            let r = self.registry.version(name, v).await?;
+            if !r.state.servable() {
+                return Err(ApiError::Conflict(format!("version {v} is {}", r.state.as_str())));
+            }
+        }
+        let rp = req.policy.or_else(|| policy.rollout.clone()).unwrap_or_default();
+        rp.validate()?;
+        let rollout = Rollout::start(canary, control, rp, policy.route.clone(), now_ms());
+        policy.active_rollout = Some(rollout.clone());
+        self.registry.set_policy(name, &policy).await?;
+        self.rollout_started(name, &rollout).await;
+        self.reconcile_locked(name, None).await?;
+        Ok(json!({ "model": name, "rollout": rollout }))
+    }
+
+    /// Ends the rollout in progress: promotion moves the `champion` alias to the canary and gives
+    /// it the control's traffic; rollback rejects the canary and restores the route.
+    pub async fn finish_rollout(&self, name: &str, promote: bool, why: &str, detail: Value) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        let mut policy = self.registry.policy(name).await?;
+        let Some(r) = policy.active_rollout.take() else {
+            return Err(ApiError::Conflict(format!("model {name:?} has no rollout in progress")));
+        };
+        self.rollout_marks.lock().expect("marks lock").remove(name);
+        if promote {
+            policy.route = match r.route_before.clone() {
+                Some(mut route) => {
+                    for v in &mut route.variants {
+                        if v.target == Target::Version(r.control) {
+                            v.target = Target::Version(r.canary);
+                        }
+                    }
+                    Some(route)
+                }
+                None => {
+                    let newest = self
+                        .registry
+                        .model(name)
+                        .await?
+                        .versions
+                        .iter()
+                        .filter(|v| v.state.servable())
+                        .map(|v| v.version)
+                        .max();
+                    (newest != Some(r.canary)).then(|| RouteSpec::single(Target::Version(r.canary)))
+                }
+            };
+            self.registry.set_policy(name, &policy).await?;
+            let previous = self.registry.set_alias(name, "champion", r.canary).await?;
+            let message = format!(
+                "version {} promoted over version {}: {why}; alias champion now points at it",
+                r.canary, r.control
+            );
+            self.event(
+                name,
+                Some(r.canary),
+                "promoted",
+                &message,
+                json!({ "rollout": r, "previous_champion": previous, "windows": detail }),
+            )
+            .await;
+        } else {
+            policy.route = r.route_before.clone();
+            self.registry.set_policy(name, &policy).await?;
+            self.registry.take_out_of_service(name, r.canary, VersionState::Rejected, why).await?;
+            let message = format!("version {} rolled back to version {}: {why}", r.canary, r.control);
+            self.event(name, Some(r.canary), "rolled_back", &message, json!({ "rollout": r, "windows": detail })).await;
+        }
+        self.reconcile_locked(name, None).await?;
+        Ok(json!({ "model": name, "canary": r.canary, "promoted": promote, "reason": why }))
+    }
+
+    pub async fn start_experiment(&self, name: &str, spec: ExperimentSpec) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        let m = self.registry.model(name).await?;
+        let routing = self.routing(name).ok_or_else(|| {
+            ApiError::Conflict(format!("model {name:?} has no route: set one with the variants to compare first"))
+        })?;
+        let mut versions: Vec<u64> = routing.variants.iter().map(|v| v.version).collect();
+        versions.dedup();
+        if versions.len() < 2 {
+            return Err(ApiError::Conflict(format!("the route of {name:?} has one variant: nothing to compare")));
+        }
+        let control = match &spec.control {
+            Some(t) => self.resolve(name, &m.aliases, t)?,
+            None => routing.variants[routing.fallback.unwrap_or(0)].version,
+        };
+        if !versions.contains(&control) {
+            return Err(ApiError::BadRequest(format!("control version {control} is not a variant of the route")));
+        }
+        let e = Experiment {
+            id: 0,
+            model: name.into(),
+            goal: spec.goal,
+            test: spec.test,
+            control,
+            versions: versions.clone(),
+            state: ExperimentState::Running,
+            started_ms: now_ms(),
+            ended_ms: None,
+            conclusion: None,
+        };
+        let e = self.registry.create_experiment(e).await?;
+        let start_marks = versions.iter().map(|&v| (v, self.traffic_for(name, v).mark())).collect();
+        let live =
+            LiveExperiment { experiment: e.clone(), totals: BTreeMap::new(), p_values: BTreeMap::new(), start_marks };
+        self.experiments.lock().expect("experiments lock").insert(name.to_string(), live);
+        let policy = self.registry.policy(name).await?;
+        self.install_routing(name, &policy, &m.aliases);
+        let message =
+            format!("experiment {} started: {:?} of versions {versions:?} against version {control}", e.id, e.goal);
+        self.event(name, None, "experiment", &message, json!({ "experiment": e })).await;
+        Ok(serde_json::to_value(&e).unwrap_or(Value::Null))
+    }
+
+    /// Loads the running experiments and their outcome totals (at start-up).
+    pub async fn load_experiments(&self) -> Result<(), ApiError> {
+        for e in self.registry.experiments(None).await? {
+            if e.state != ExperimentState::Running {
+                continue;
+            }
+            let totals = self.registry.outcome_totals(e.id).await?;
+            let live = LiveExperiment {
+                experiment: e.clone(),
+                totals,
+                p_values: BTreeMap::new(),
+                start_marks: BTreeMap::new(),
+            };
+            self.experiments.lock().expect("experiments lock").insert(e.model.clone(), live);
+        }
+        Ok(())
+    }
+
+    pub async fn experiment_report(&self, id: u64) -> Result<Value, ApiError> {
+        let e = self.registry.experiment(id).await?;
+        let traffic = |v: u64| self.traffic_mark(&e.model, v);
+        if let Some(live) =
+            self.experiments.lock().expect("experiments lock").get_mut(&e.model).filter(|l| l.experiment.id == id)
+        {
+            return Ok(live.report(traffic));
+        }
+        let totals = self.registry.outcome_totals(id).await?;
+        let mut past =
+            LiveExperiment { experiment: e.clone(), totals, p_values: BTreeMap::new(), start_marks: BTreeMap::new() };
+        Ok(past.report(traffic))
+    }
+
+    /// Stops an experiment; with `conclusion`, also promotes the winner by moving an alias.
+    pub async fn end_experiment(&self, id: u64, conclusion: Option<Conclusion>) -> Result<Value, ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        let mut e = self.registry.experiment(id).await?;
+        if e.state != ExperimentState::Running {
+            return Err(ApiError::Conflict(format!("experiment {id} is already {:?}", e.state).to_lowercase()));
+        }
+        let name = e.model.clone();
+        let report = self.experiment_report_live(&e).await?;
+        let mut winner = None;
+        if let Some(c) = &conclusion {
+            let w = match c.winner {
+                Some(w) if e.versions.contains(&w) => w,
+                Some(w) => return Err(ApiError::BadRequest(format!("version {w} is not a variant of experiment {id}"))),
+                None => best_variant(&report).ok_or_else(|| {
+                    ApiError::Conflict(format!(
+                        "no variant of experiment {id} is better than the control yet; name the winner to conclude anyway"
+                    ))
+                })?,
+            };
+            winner = Some(w);
+        }
+        e.state = if winner.is_some() { ExperimentState::Concluded } else { ExperimentState::Stopped };
+        e.ended_ms = Some(now_ms());
+        e.conclusion = winner.map(|w| format!("version {w} won"));
+        self.registry.update_experiment(&e).await?;
+        self.experiments.lock().expect("experiments lock").remove(&name);
+        self.thompson.lock().expect("thompson lock").remove(&name);
+        let alias = conclusion.and_then(|c| c.alias).unwrap_or_else(|| "champion".into());
+        let message = match winner {
+            Some(w) => {
+                self.registry.set_alias(&name, &alias, w).await?;
+                format!("experiment {id} concluded: version {w} wins; alias {alias} now points at it")
+            }
+            None => format!("experiment {id} stopped"),
+        };
+        self.event(&name, winner, "experiment", &message, json!({ "experiment": e, "report": report })).await;
+        self.reconcile_locked(&name, None).await?;
+        Ok(json!({ "experiment": e, "report": report }))
+    }
+
+    async fn experiment_report_live(&self, e: &Experiment) -> Result<Value, ApiError> {
+        let traffic = |v: u64| self.traffic_mark(&e.model, v);
+        if let Some(live) =
+            self.experiments.lock().expect("experiments lock").get_mut(&e.model).filter(|l| l.experiment.id == e.id)
+        {
+            return Ok(live.report(traffic));
+        }
+        let totals = self.registry.outcome_totals(e.id).await?;
+        Ok(LiveExperiment { experiment: e.clone(), totals, p_values: BTreeMap::new(), start_marks: BTreeMap::new() }
+            .report(traffic))
+    }
+
+    /// Records business outcomes, joined to the variant that served each request. All or nothing:
+    /// one bad item refuses the batch.
+    pub async fn feedback(&self, items: Vec<Feedback>) -> Result<Value, ApiError> {
+        if items.is_empty() {
+            return Err(ApiError::BadRequest("no feedback given".into()));
+        }
+        // Per experiment: its model and the outcomes (request, version, value).
+        type Outcomes = Vec<(String, u64, f64)>;
+        let mut batches: HashMap<u64, (String, Outcomes)> = HashMap::new();
+        for (i, f) in items.iter().enumerate() {
+            let at = if items.len() > 1 { format!("feedback[{i}]: ") } else { String::new() };
+            let request = match (&f.id, &f.key) {
+                (Some(id), None) => format!("id:{id}"),
+                (None, Some(key)) => format!("key:{key}"),
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "{at}give exactly one of \"id\" (the request id) or \"key\" (the routing key)"
+                    )));
+                }
+            };
+            let raw = f.id.as_deref().or(f.key.as_deref()).unwrap_or_default();
+            let experiments = self.experiments.lock().expect("experiments lock");
+            let live = experiments.get(&f.model).ok_or_else(|| {
+                ApiError::Conflict(format!("{at}model {:?} has no running experiment to record outcomes for", f.model))
+            })?;
+            let e = &live.experiment;
+            if !e.goal.accepts(f.value) {
+                return Err(ApiError::BadRequest(
+                    format!("{at}value {} is not a valid {:?} outcome (conversions are 0 or 1)", f.value, e.goal)
+                        .to_lowercase(),
+                ));
+            }
+            let version = match f.version {
+                Some(v) if e.versions.contains(&v) => v,
+                Some(v) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "{at}version {v} is not a variant of experiment {}",
+                        e.id
+                    )));
+                }
+                None => match self.assignments.lock().expect("assignments lock").get(&f.model, raw) {
+                    Some((exp, v)) if exp == e.id => v,
+                    Some((exp, _)) => {
+                        return Err(ApiError::Conflict(format!(
+                            "{at}{request} was served under experiment {exp}, which is no longer running"
+                        )));
+                    }
+                    None => {
+                        return Err(ApiError::NotFound(format!(
+                            "{at}no record of which variant served {request} (not routed under experiment {}, served by another replica, or too long ago): send \"version\", the response's model_version",
+                            e.id
+                        )));
+                    }
+                },
+            };
+            batches.entry(e.id).or_insert_with(|| (f.model.clone(), Vec::new())).1.push((request, version, f.value));
+        }
+        let (mut recorded, mut duplicates) = (0, 0);
+        for (exp, (model, outcomes)) in batches {
+            let fresh = self.registry.record_outcomes(exp, &outcomes).await?;
+            let mut experiments = self.experiments.lock().expect("experiments lock");
+            let mut live = experiments.get_mut(&model).filter(|l| l.experiment.id == exp);
+            for ((_, version, value), new) in outcomes.iter().zip(&fresh) {
+                if *new {
+                    recorded += 1;
+                    if let Some(live) = live.as_deref_mut() {
+                        live.totals.entry(*version).or_default().add(*value);
+                    }
+                } else {
+                    duplicates += 1;
+                }
+            }
+        }
+        Ok(json!({ "recorded": recorded, "duplicates": duplicates }))
+    }
+
+    /// One controller pass over every model: bandit shares, rollout steps, retirement.
+    pub async fn tick(&self) {
+        let models = match self.registry.models().await {
+            Ok(m) => m,
+            Err(e) => return tracing::error!("lifecycle controller: {e}"),
+        };
+        for m in models {
+            if let Err(e) = self.tick_model(&m).await {
+                tracing::error!(model = %m.name, "lifecycle controller: {e}");
+            }
+        }
+    }
+
+    async fn tick_model(&self, m: &ModelRecord) -> Result<(), ApiError> {
+        let name = &m.name;
+        let policy = self.registry.policy(name).await?;
+        let route_versions: Vec<u64> = policy
+            .route
+            .iter()
+            .flat_map(|r| r.variants.iter())
+            .filter_map(|v| self.resolve(name, &m.aliases, &v.target).ok())
+            .collect();
+        let (verdicts, shares) = {
+            let mut experiments = self.experiments.lock().expect("experiments lock");
+            match experiments.get_mut(name) {
+                Some(live) => {
+                    let verdicts = live.compare();
+                    let shares = match &policy.route {
+                        Some(r) if r.strategy == Strategy::Thompson && policy.active_rollout.is_none() => {
+                            Some(live.thompson(&route_versions, r.floor))
+                        }
+                        _ => None,
+                    };
+                    (verdicts, shares)
+                }
+                None => (BTreeMap::new(), None),
+            }
+        };
+        if let Some(shares) = shares {
+            let _guard = self.lifecycle.lock().await;
+            self.thompson.lock().expect("thompson lock").insert(name.clone(), shares);
+            let policy = self.registry.policy(name).await?;
+            self.install_routing(name, &policy, &self.registry.aliases(name).await?);
+        }
+        if let Some(r) = &policy.active_rollout {
+            self.step_rollout(name, r, verdicts.get(&r.canary).map(|(_, v)| *v)).await?;
+            return Ok(());
+        }
+        let lost: BTreeMap<u64, String> = verdicts
+            .iter()
+            .filter(|(_, (_, v))| *v == Verdict::Worse)
+            .map(|(&v, (c, _))| {
+                (
+                    v,
+                    format!(
+                        "the sequential test found it worse than the control (difference {:.4}, p = {:.4})",
+                        c.difference, c.p_value
+                    ),
+                )
+            })
+            .collect();
+        let loaded = self.manager.loaded_versions(name);
+        let facts = version_facts(
+            &m.versions,
+            &loaded,
+            |v| self.manager.get(name, Some(v)).map(|(_, s)| s.loaded_at_ms).unwrap_or_else(now_ms),
+            |v| self.manager.get(name, Some(v)).and_then(|(_, s)| s.traffic.last_request_ms()),
+            &lost,
+        );
+        for (v, why) in retirements(&policy.retirement, &facts, self.serving_version(name), now_ms()) {
+            self.retire(name, v, &why).await?;
+        }
+        Ok(())
+    }
+
+    async fn step_rollout(&self, name: &str, r: &Rollout, outcome: Option<Verdict>) -> Result<(), ApiError> {
+        let marks = self.rollout_marks.lock().expect("marks lock").get(name).cloned();
+        let Some((canary_mark, control_mark)) = marks else {
+            // After a restart: the current step's window starts now.
+            self.mark_rollout_step(name, r);
+            return Ok(());
+        };
+        let (canary, canary_latency) = self.traffic_for(name, r.canary).mark().since(&canary_mark);
+        let (control, control_latency) = self.traffic_for(name, r.control).mark().since(&control_mark);
+        let windows = json!({
+            "canary": { "version": r.canary, "requests": canary.requests, "errors": canary.errors, "latency_ms": crate::lifecycle::percentiles_ms(&canary_latency) },
+            "control": { "version": r.control, "requests": control.requests, "errors": control.errors, "latency_ms": crate::lifecycle::percentiles_ms(&control_latency) },
+        });
+        match rollout::decide(r, &canary, &control, outcome, now_ms()) {
+            Action::Hold => Ok(()),
+            Action::Raise(weight) => {
+                let _guard = self.lifecycle.lock().await;
+                let mut policy = self.registry.policy(name).await?;
+                let Some(active) = policy.active_rollout.as_mut().filter(|a| a.canary == r.canary) else {
+                    return Ok(());
+                };
+                active.weight = weight;
+                active.step_started_ms = now_ms();
+                let active = active.clone();
+                self.registry.set_policy(name, &policy).await?;
+                self.mark_rollout_step(name, &active);
+                let message = format!(
+                    "canary version {} raised to {weight}%: gates held over {} requests (p99 {} vs control {})",
+                    r.canary,
+                    canary.requests,
+                    ms(canary.p99_s),
+                    ms(control.p99_s)
+                );
+                self.event(name, Some(r.canary), "rollout_step", &message, windows).await;
+                self.install_routing(name, &policy, &self.registry.aliases(name).await?);
+                Ok(())
+            }
+            Action::Promote => {
+                let why = format!("its gates held at every step up to {}%", r.weight);
+                self.finish_rollout(name, true, &why, windows).await.map(|_| ())
+            }
+            Action::Rollback(why) => self.finish_rollout(name, false, &why, windows).await.map(|_| ()),
+        }
+    }
+
+    async fn retire(&self, name: &str, version: u64, why: &str) -> Result<(), ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        self.registry.take_out_of_service(name, version, VersionState::Retired, why).await?;
+        self.event(
+            name,
+            Some(version),
+            "retired",
+            &format!("version {version} retired: {why}"),
+            json!({ "reason": why }),
+        )
+        .await;
+        self.reconcile_locked(name, None).await
+    }
+}
+
+fn ms(s: Option<f64>) -> String {
+    s.map_or("n/a".into(), |s| format!("{:.2} ms", s * 1e3))
+}
+
+fn describe_route(r: &RouteSpec) -> String {
+    let variants: Vec<String> = r
+        .variants
+        .iter()
+        .map(|v| match r.strategy {
+            Strategy::Fixed => format!("{} {}%", v.target, v.weight),
+            Strategy::Thompson => v.target.to_string(),
+        })
+        .collect();
+    let mut s = match r.strategy {
+        Strategy::Fixed => variants.join(", "),
+        Strategy::Thompson => format!("thompson over {} (floor {}%)", variants.join(", "), r.floor),
+    };
+    if let Some(sh) = &r.shadow {
+        s.push_str(&format!("; shadow {}% to {}", sh.percent, sh.target));
+    }
+    s
+}
+
+/// The variant with the highest mean among those the test found better than the control.
+fn best_variant(report: &Value) -> Option<u64> {
+    report["variants"]
+        .as_array()?
+        .iter()
+        .filter(|v| v["verdict"] == "better")
+        .max_by(|a, b| a["mean"].as_f64().unwrap_or(0.0).total_cmp(&b["mean"].as_f64().unwrap_or(0.0)))
+        .and_then(|v| v["version"].as_u64())
+}
