@@ -32,7 +32,7 @@ fn run(cfg: &SequentialConfig, p_control: f64, p_treatment: f64, rng: &mut StdRn
 }
 
 fn config() -> SequentialConfig {
-    // The budget named in configs/lifecycle.toml's experiment example.
+    // The settings configs/lifecycle.toml names for experiments (a budget of 8,000 per variant).
     SequentialConfig { alpha: 0.05, min_effect: 0.02, min_samples: 100, max_samples: 8_000 }
 }
 

@@ -66,6 +66,38 @@ impl TestServer {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A management API call: JSON in (when given), status and JSON out.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut r = self.client.request(method, self.url(path));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.expect("management call");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Like `call`, asserting a 2xx answer.
+    pub async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, answer) = self.call(method, path, body).await;
+        assert!((200..300).contains(&status), "{method} {path}: {status} {answer}");
+        answer
+    }
+
+    /// Polls `GET path` until `done` holds (or panics after `within`).
+    pub async fn wait_for(&self, path: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let until = std::time::Instant::now() + within;
+        loop {
+            let (_, v) = self.call("GET", path, None).await;
+            if done(&v) {
+                return v;
+            }
+            assert!(std::time::Instant::now() < until, "{path} did not reach the state in {within:?}: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn get(&self, path: &str) -> (u16, String) {
         let r = self.client.get(self.url(path)).send().await.expect("get");
         (r.status().as_u16(), r.text().await.unwrap_or_default())

@@ -1,0 +1,103 @@
+//! Progressive rollout against a real server, under continuous load: a healthy canary is promoted
+//! step by step; a slow one is rolled back by its latency gate; no client sees a failure.
+//! Alone in its file so that no other test's load skews the latency gates.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use algolink_tests::TestServer;
+use serde_json::{Value, json};
+
+const CONFIG: &str = r#"
+[server]
+lifecycle_interval_ms = 100
+
+[models.m.rollout]
+step = 25
+interval_s = 0.5
+max_weight = 50
+deadline_s = 30
+gates = { min_requests = 20, max_p99_ratio = 1.5, p99_slack_ms = 10.0 }
+"#;
+
+fn request() -> String {
+    json!({ "inputs": [{ "name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5, -1.0, 2.0, 0.25] }] })
+        .to_string()
+}
+
+async fn event(server: &TestServer, kind: &str) -> Value {
+    server
+        .wait_for(&format!("/v1/events?model=m&kind={kind}"), Duration::from_secs(30), |e| {
+            e.as_array().is_some_and(|a| !a.is_empty())
+        })
+        .await[0]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn healthy_canary_is_promoted_and_slow_canary_rolled_back_without_a_failed_request() {
+    let server = Arc::new(TestServer::start(CONFIG).await);
+    server.push("m", "canary_fast.onnx").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (server, stop) = (server.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = server.client.post(server.url("/v2/models/m/infer")).body(request()).send().await.unwrap();
+                statuses.push(r.status().as_u16());
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A healthy canary (the same fast model) climbs 25% → 50%, then is promoted.
+    let started = Instant::now();
+    server.push("m", "canary_fast.onnx").await;
+    let promoted = event(&server, "promoted").await;
+    println!("healthy canary promoted after {:?}: {}", started.elapsed(), promoted["message"]);
+    assert_eq!(promoted["version"], 2);
+    let steps = server.ok("GET", "/v1/events?model=m&kind=rollout_step", None).await;
+    assert_eq!(steps.as_array().unwrap().len(), 1, "one step (25% → 50%) before promotion: {steps}");
+    let model = server.ok("GET", "/v1/models/m", None).await;
+    assert_eq!(model["aliases"]["champion"], 2);
+    assert_eq!(model["serving_version"], 2);
+
+    // A slow canary fails its p99 gate against the control and is rolled back.
+    server.push("m", "canary_slow.onnx").await;
+    let rolled_back = event(&server, "rolled_back").await;
+    println!("slow canary: {}", rolled_back["message"]);
+    assert_eq!(rolled_back["version"], 3);
+    assert!(rolled_back["message"].as_str().unwrap().contains("p99 latency"), "{rolled_back}");
+    let canary_p99 = rolled_back["detail"]["windows"]["canary"]["latency_ms"]["p99"].as_f64().unwrap();
+    let control_p99 = rolled_back["detail"]["windows"]["control"]["latency_ms"]["p99"].as_f64().unwrap();
+    assert!(canary_p99 > control_p99, "{rolled_back}");
+    let v3 = server.ok("GET", "/v1/models/m", None).await["versions"][2].clone();
+    assert_eq!(v3["state"], "rejected");
+    assert!(v3["reason"].as_str().unwrap().contains("p99"), "{v3}");
+    assert!(server.ok("GET", "/v1/models/m/rollout", None).await["rollout"].is_null());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut statuses = Vec::new();
+    for c in clients {
+        statuses.extend(c.await.unwrap());
+    }
+    let failed = statuses.iter().filter(|&&s| s != 200).count();
+    println!("{} requests during both rollouts, {failed} failed", statuses.len());
+    assert_eq!(failed, 0);
+    let (status, body) = server.infer("/v2/models/m/infer", &serde_json::from_str(&request()).unwrap()).await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("2")), "the promoted version serves");
+    let kinds: Vec<String> = server
+        .ok("GET", "/v1/events?model=m", None)
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    println!("event log: {kinds:?}");
+    Arc::try_unwrap(server).ok().expect("sole owner").stop().await;
+}
