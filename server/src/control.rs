@@ -314,8 +314,12 @@ impl AppState {
         let routing = self.routing(name).ok_or_else(|| {
             ApiError::Conflict(format!("model {name:?} has no route: set one with the variants to compare first"))
         })?;
-        let mut versions: Vec<u64> = routing.variants.iter().map(|v| v.version).collect();
-        versions.dedup();
+        let mut versions: Vec<u64> = Vec::new();
+        for v in &routing.variants {
+            if !versions.contains(&v.version) {
+                versions.push(v.version);
+            }
+        }
         if versions.len() < 2 {
             return Err(ApiError::Conflict(format!("the route of {name:?} has one variant: nothing to compare")));
         }

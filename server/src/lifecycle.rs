@@ -101,6 +101,12 @@ impl ShadowStats {
         }
     }
 
+    /// (mirrored requests answered, failed, dropped, largest |difference| seen)
+    pub fn counts(&self) -> (u64, u64, u64, f64) {
+        let m = self.traffic.mark();
+        (m.requests - m.errors, m.errors, self.dropped.load(Relaxed), self.diff.lock().expect("shadow lock").2)
+    }
+
     pub fn json(&self) -> Value {
         let m = self.traffic.mark();
         let (compared, sum, max, mismatched) = *self.diff.lock().expect("shadow lock");

@@ -96,5 +96,67 @@ pub fn render(st: &AppState) -> String {
     series(&mut out, "algolink_batch_size", "histogram", "Rows per executed batch.", &|out, l, s| {
         histogram(out, "algolink_batch_size", l, &s.batch_size)
     });
+    lifecycle(&mut out, st);
     out
+}
+
+/// Traffic shares of routed models, shadow mirrors, and experiment outcomes.
+fn lifecycle(out: &mut String, st: &AppState) {
+    let _ = writeln!(
+        out,
+        "# HELP algolink_route_share_percent Share of a model's unversioned requests routed to a variant.\n\
+         # TYPE algolink_route_share_percent gauge"
+    );
+    for (model, r) in st.all_routings() {
+        for (v, p) in r.variants.iter().zip(r.split.percents()) {
+            let _ = writeln!(
+                out,
+                "algolink_route_share_percent{{model=\"{}\",variant=\"{}\",version=\"{}\"}} {p}",
+                escape(&model),
+                escape(&v.label),
+                v.version
+            );
+        }
+    }
+    let shadows = st.all_shadow_stats();
+    let _ = writeln!(
+        out,
+        "# HELP algolink_shadow_requests_total Requests mirrored to a shadow version, by outcome.\n\
+         # TYPE algolink_shadow_requests_total counter"
+    );
+    for ((model, version), s) in &shadows {
+        let (ok, failed, dropped, _) = s.counts();
+        for (outcome, n) in [("success", ok), ("failure", failed), ("dropped", dropped)] {
+            let _ = writeln!(
+                out,
+                "algolink_shadow_requests_total{{model=\"{}\",version=\"{version}\",outcome=\"{outcome}\"}} {n}",
+                escape(model)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP algolink_shadow_max_abs_difference Largest element-wise difference between a shadow's and the primary's outputs.\n\
+         # TYPE algolink_shadow_max_abs_difference gauge"
+    );
+    for ((model, version), s) in &shadows {
+        let _ = writeln!(
+            out,
+            "algolink_shadow_max_abs_difference{{model=\"{}\",version=\"{version}\"}} {}",
+            escape(model),
+            s.counts().3
+        );
+    }
+    let totals = st.experiment_totals();
+    for (name, kind, help, value) in [
+        ("algolink_experiment_outcomes_total", "counter", "Outcomes recorded per variant of a running experiment.", 0),
+        ("algolink_experiment_outcome_sum", "gauge", "Sum of the outcomes per variant of a running experiment.", 1),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (model, id, version, m) in &totals {
+            let v = if value == 0 { m.n as f64 } else { m.sum };
+            let _ =
+                writeln!(out, "{name}{{model=\"{}\",experiment=\"{id}\",version=\"{version}\"}} {v}", escape(model));
+        }
+    }
 }

@@ -92,6 +92,33 @@ impl AppState {
         self.routes.read().expect("routes lock").get(name).cloned()
     }
 
+    pub fn all_routings(&self) -> Vec<(String, Arc<Routing>)> {
+        let routes = self.routes.read().expect("routes lock");
+        let mut all: Vec<_> = routes.iter().map(|(n, r)| (n.clone(), r.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    pub fn all_shadow_stats(&self) -> Vec<((String, u64), Arc<ShadowStats>)> {
+        self.shadows.lock().expect("shadow lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Outcome totals per (model, experiment, version) of the running experiments.
+    pub fn experiment_totals(&self) -> Vec<(String, u64, u64, algolink_registry::lifecycle::stats::Moments)> {
+        let experiments = self.experiments.lock().expect("experiments lock");
+        let mut out: Vec<_> = experiments
+            .iter()
+            .flat_map(|(name, live)| {
+                live.experiment
+                    .versions
+                    .iter()
+                    .map(|v| (name.clone(), live.experiment.id, *v, live.totals.get(v).copied().unwrap_or_default()))
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, a.2).cmp(&(&b.0, b.2)));
+        out
+    }
+
     /// The version an alias points at.
     pub fn alias(&self, name: &str, alias: &str) -> Option<u64> {
         self.aliases.read().expect("aliases lock").get(name).and_then(|a| a.get(alias).copied())
@@ -345,7 +372,7 @@ impl AppState {
         }
         // The new routing is in place before anything it no longer uses is removed.
         self.aliases.write().expect("aliases lock").insert(name.to_string(), aliases.clone());
-        self.install_routing(name, &policy, &aliases);
+        self.install_routing_of(name, &policy, &aliases, |v| wanted.contains(&v));
         for &v in loaded.iter().filter(|v| !wanted.contains(v)) {
             // In-flight requests hold the version until they are answered; it unloads after.
             self.manager.remove(name, v);
@@ -363,10 +390,22 @@ impl AppState {
 
     /// Rebuilds the routing of a model's unversioned requests from its policy and what is loaded.
     pub(crate) fn install_routing(&self, name: &str, policy: &ModelPolicy, aliases: &BTreeMap<String, u64>) {
+        self.install_routing_of(name, policy, aliases, |_| true);
+    }
+
+    /// Like `install_routing`, using only the loaded versions that `keep` accepts (those that stay
+    /// loaded: the routing holds their handles).
+    fn install_routing_of(
+        &self,
+        name: &str,
+        policy: &ModelPolicy,
+        aliases: &BTreeMap<String, u64>,
+        keep: impl Fn(u64) -> bool,
+    ) {
         let experiment = self.experiments.lock().expect("experiments lock").get(name).map(|l| l.experiment.clone());
         let shares = self.thompson.lock().expect("thompson lock").get(name).cloned();
         let routing = build_routing(policy, aliases, experiment.as_ref(), shares.as_deref(), |v| {
-            self.manager.get(name, Some(v)).map(|(_, s)| s)
+            keep(v).then(|| self.manager.get(name, Some(v)).map(|(_, s)| s)).flatten()
         });
         let mut routes = self.routes.write().expect("routes lock");
         match routing {

@@ -72,6 +72,44 @@ async fn serve_push_models_and_stop() {
     assert!(!refused.status.success(), "a JSON file is not a model");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("push refused (400 Bad Request)"));
 
+    // The lifecycle commands, against the same server.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_algolink")).args(args).args(["--server", &url]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = cli(&["alias", "set", "iris", "champion", "1"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli(&["route", "set", "iris", "champion=60"]);
+    assert!(!ok && err.contains("sum to 100"), "{err}");
+    let (ok, out, err) = cli(&["route", "set", "iris", "champion=80", "2=20"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = cli(&["route", "show", "iris"]);
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok);
+    assert_eq!(shown["traffic"]["variants"][0]["percent"], 80.0, "{out}");
+    let (ok, out, err) = cli(&["experiment", "start", "iris", "--goal", "conversion", "--max-samples", "8000"]);
+    assert!(ok, "{out}{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_u64().unwrap();
+    let (ok, out, _) = cli(&["experiment", "show", &id.to_string()]);
+    assert!(ok && out.contains("\"verdict\""), "{out}");
+    let (ok, out, err) = cli(&["experiment", "conclude", &id.to_string()]);
+    assert!(!ok && err.contains("no variant"), "nothing is better yet: {out}{err}");
+    let (ok, _, _) = cli(&["experiment", "stop", &id.to_string()]);
+    assert!(ok);
+    let (ok, out, _) = cli(&["rollout", "show", "iris"]);
+    assert!(ok && out.contains("\"rollout\": null"), "{out}");
+    let (ok, out, _) = cli(&["events", "--model", "iris"]);
+    assert!(ok);
+    for kind in ["pushed", "alias", "traffic", "experiment"] {
+        assert!(out.lines().any(|l| l.contains(kind)), "events lack {kind}:\n{out}");
+    }
+    let (ok, _, _) = cli(&["route", "clear", "iris"]);
+    assert!(ok);
+
     // SIGTERM: in-flight requests finish, then the process exits cleanly.
     let status = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
     assert!(status.success());

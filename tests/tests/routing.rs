@@ -199,6 +199,11 @@ async fn aliases_route_and_answer_by_name() {
     let events = server.ok("GET", "/v1/events?model=iris&kind=alias", None).await;
     let messages: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
     assert_eq!(messages, ["alias champion now points at version 1", "alias champion now points at version 2 (was 1)"]);
+    // Unloading the model through the repository API stops routed traffic too, until it loads.
+    server.ok("POST", "/v2/repository/models/iris/unload", None).await;
+    assert_eq!(routed(&server, Some("k"), None).await.status, 503);
+    server.ok("POST", "/v2/repository/models/iris/load", None).await;
+    assert_eq!(routed(&server, Some("k"), None).await.version, "2");
     Arc::try_unwrap(server).ok().expect("sole owner").stop().await;
 }
 
@@ -251,6 +256,16 @@ async fn an_experiment_joins_feedback_and_concludes_by_moving_the_alias() {
     assert_eq!(variants[1]["verdict"], "better", "{report}");
     assert!(variants[1]["p_value"].as_f64().unwrap() <= 0.05);
     println!("experiment report: {}", serde_json::to_string(&variants).unwrap());
+    let (_, metrics) = server.get("/metrics").await;
+    for line in [
+        "algolink_route_share_percent{model=\"iris\",variant=\"champion\",version=\"1\"} 50",
+        &format!(
+            "algolink_experiment_outcomes_total{{model=\"iris\",experiment=\"{id}\",version=\"2\"}} {}",
+            variants[1]["outcomes"]
+        ),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "/metrics lacks {line}");
+    }
     let done = server.ok("POST", &format!("/v1/experiments/{id}/conclude"), None).await;
     assert_eq!(done["experiment"]["state"], "concluded");
     let model = server.ok("GET", "/v1/models/iris", None).await;
@@ -351,4 +366,36 @@ async fn webhooks_deliver_events_and_retry_after_a_failure() {
     assert_eq!(r[1].2["model"], "iris");
     assert_eq!(r[1].2["version"], 1);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thompson_routing_moves_traffic_to_the_variant_that_converts() {
+    let server = two_iris_versions("[server]\nlifecycle_interval_ms = 100\n").await;
+    let route = json!({ "variants": [{ "target": 1 }, { "target": 2 }], "strategy": "thompson", "floor": 5 });
+    server.ok("PUT", "/v1/models/iris/route", Some(route)).await;
+    let (status, e) = server.call("POST", "/v1/models/iris/experiments", Some(json!({ "goal": "conversion" }))).await;
+    assert_eq!(status, 201, "{e}");
+    let share_of_two = |m: &Value| m["traffic"]["variants"][1]["percent"].as_f64().unwrap_or(0.0);
+    let before = share_of_two(&server.ok("GET", "/v1/models/iris", None).await);
+    assert_eq!(before, 50.0, "no outcomes yet: an even split");
+    // Version 2 converts 30% of the time, version 1 10%; outcomes arrive by routing key.
+    let mut sent = 0;
+    for round in 0..8 {
+        let mut feedback = Vec::new();
+        for i in 0..100 {
+            let key = format!("u{round}-{i}");
+            let r = routed(&server, Some(&key), None).await;
+            let converted = if r.version == "2" { i % 10 < 3 } else { i % 10 == 0 };
+            feedback.push(json!({ "model": "iris", "key": key, "value": u8::from(converted) }));
+            sent += 1;
+        }
+        server.ok("POST", "/v1/feedback", Some(Value::Array(feedback))).await;
+        tokio::time::sleep(Duration::from_millis(250)).await; // a few controller ticks
+    }
+    let model = server.ok("GET", "/v1/models/iris", None).await;
+    let after = share_of_two(&model);
+    println!("thompson: version 2's share went from {before}% to {after}% after {sent} requests");
+    assert!(after >= 90.0, "{}", model["traffic"]);
+    assert!(model["traffic"]["variants"][0]["percent"].as_f64().unwrap() >= 5.0, "the floor holds");
+    Arc::try_unwrap(server).ok().expect("sole owner").stop().await;
 }
