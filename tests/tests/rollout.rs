@@ -1,5 +1,6 @@
 //! Progressive rollout against a real server, under continuous load: a healthy canary is promoted
-//! step by step; a slow one is rolled back by its latency gate; no client sees a failure.
+//! step by step; a slow one is rolled back by its latency gate, a failing one by its error gate;
+//! no client sees a failure.
 //! Alone in its file so that no other test's load skews the latency gates.
 
 use std::sync::Arc;
@@ -25,17 +26,18 @@ fn request() -> String {
         .to_string()
 }
 
-async fn event(server: &TestServer, kind: &str) -> Value {
+/// The `nth` (from 0) event of a kind, once it is there.
+async fn event(server: &TestServer, kind: &str, nth: usize) -> Value {
     server
         .wait_for(&format!("/v1/events?model=m&kind={kind}"), Duration::from_secs(30), |e| {
-            e.as_array().is_some_and(|a| !a.is_empty())
+            e.as_array().is_some_and(|a| a.len() > nth)
         })
-        .await[0]
+        .await[nth]
         .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn healthy_canary_is_promoted_and_slow_canary_rolled_back_without_a_failed_request() {
+async fn healthy_canary_is_promoted_slow_and_failing_ones_rolled_back_without_a_failed_request() {
     let server = Arc::new(TestServer::start(CONFIG).await);
     server.push("m", "canary_fast.onnx").await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -56,7 +58,7 @@ async fn healthy_canary_is_promoted_and_slow_canary_rolled_back_without_a_failed
     // A healthy canary (the same fast model) climbs 25% → 50%, then is promoted.
     let started = Instant::now();
     server.push("m", "canary_fast.onnx").await;
-    let promoted = event(&server, "promoted").await;
+    let promoted = event(&server, "promoted", 0).await;
     println!("healthy canary promoted after {:?}: {}", started.elapsed(), promoted["message"]);
     assert_eq!(promoted["version"], 2);
     let steps = server.ok("GET", "/v1/events?model=m&kind=rollout_step", None).await;
@@ -67,7 +69,7 @@ async fn healthy_canary_is_promoted_and_slow_canary_rolled_back_without_a_failed
 
     // A slow canary fails its p99 gate against the control and is rolled back.
     server.push("m", "canary_slow.onnx").await;
-    let rolled_back = event(&server, "rolled_back").await;
+    let rolled_back = event(&server, "rolled_back", 0).await;
     println!("slow canary: {}", rolled_back["message"]);
     assert_eq!(rolled_back["version"], 3);
     assert!(rolled_back["message"].as_str().unwrap().contains("p99 latency"), "{rolled_back}");
@@ -79,6 +81,15 @@ async fn healthy_canary_is_promoted_and_slow_canary_rolled_back_without_a_failed
     assert!(v3["reason"].as_str().unwrap().contains("p99"), "{v3}");
     assert!(server.ok("GET", "/v1/models/m/rollout", None).await["rollout"].is_null());
 
+    // A canary that fails every real request (its warm-up passed) fails its error gate; the
+    // control answers each of its failures, so no client sees one.
+    server.push("m", "canary_broken.onnx").await;
+    let rolled_back = event(&server, "rolled_back", 1).await;
+    println!("broken canary: {}", rolled_back["message"]);
+    assert_eq!(rolled_back["version"], 4);
+    assert!(rolled_back["message"].as_str().unwrap().contains("error rate 100.00%"), "{rolled_back}");
+    assert_eq!(server.ok("GET", "/v1/models/m", None).await["versions"][3]["state"], "rejected");
+
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut statuses = Vec::new();
@@ -86,7 +97,7 @@ async fn healthy_canary_is_promoted_and_slow_canary_rolled_back_without_a_failed
         statuses.extend(c.await.unwrap());
     }
     let failed = statuses.iter().filter(|&&s| s != 200).count();
-    println!("{} requests during both rollouts, {failed} failed", statuses.len());
+    println!("{} requests during the three rollouts, {failed} failed", statuses.len());
     assert_eq!(failed, 0);
     let (status, body) = server.infer("/v2/models/m/infer", &serde_json::from_str(&request()).unwrap()).await;
     assert_eq!((status, body["model_version"].as_str()), (200, Some("2")), "the promoted version serves");
