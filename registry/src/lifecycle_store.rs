@@ -349,12 +349,23 @@ impl Registry {
         reason: &str,
     ) -> Result<(), RegistryError> {
         debug_assert!(matches!(state, VersionState::Rejected | VersionState::Retired));
-        self.set_state(model, version, state, Some(reason)).await?;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE versions SET state = ?, reason = ? WHERE model = ? AND version = ?")
+            .bind(state.as_str())
+            .bind(reason)
+            .bind(model)
+            .bind(version as i64)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(RegistryError::VersionNotFound { model: model.into(), version });
+        }
         sqlx::query("DELETE FROM aliases WHERE model = ? AND version = ?")
             .bind(model)
             .bind(version as i64)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -449,6 +460,7 @@ mod tests {
             started_ms: 1,
             ended_ms: None,
             conclusion: None,
+            decisions: Default::default(),
         };
         let mut e = reg.create_experiment(e).await.unwrap();
         assert!(matches!(reg.create_experiment(e.clone()).await, Err(RegistryError::Conflict(_))));

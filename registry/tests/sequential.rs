@@ -4,7 +4,7 @@
 //! the rollout controller ticking would. The mSPRT must keep false decisions at or below alpha
 //! however often it is looked at, and still find a real difference within the sample budget.
 
-use algolink_registry::lifecycle::stats::{Moments, SequentialConfig, Verdict, msprt, verdict};
+use algolink_registry::lifecycle::stats::{Comparison, Moments, SequentialConfig, Verdict, msprt, verdict};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Binomial, Distribution};
@@ -16,15 +16,14 @@ const BATCH: u64 = 50;
 /// after every batch until a verdict or the budget. Returns the verdict and the samples per arm.
 fn run(cfg: &SequentialConfig, p_control: f64, p_treatment: f64, rng: &mut StdRng) -> (Verdict, u64) {
     let (mut c, mut t) = (Moments::default(), Moments::default());
-    let mut p = 1.0;
+    let mut look = Comparison::START;
     loop {
         for (m, rate) in [(&mut c, p_control), (&mut t, p_treatment)] {
             let s = Binomial::new(BATCH, rate).unwrap().sample(rng) as f64;
             m.add_many(BATCH, s, s);
         }
-        let cmp = msprt(cfg, &c, &t, p);
-        p = cmp.p_value;
-        match verdict(cfg, &c, &t, &cmp) {
+        look = msprt(cfg, &c, &t, &look);
+        match verdict(cfg, &c, &t, &look, Verdict::Continue) {
             Verdict::Continue => continue,
             v => return (v, c.n),
         }

@@ -203,7 +203,7 @@ async fn attempt(servable: &Arc<Servable>, body: &Bytes, header_len: Option<usiz
     .await;
     let elapsed = started.elapsed();
     servable.stats().record_request(elapsed, result.is_ok());
-    servable.traffic.record(elapsed, result.as_ref().err().is_some_and(ApiError::is_server_error));
+    servable.traffic.record(elapsed, result.as_ref().err().is_some_and(ApiError::is_version_fault));
     result
 }
 
@@ -256,7 +256,7 @@ async fn run_infer(
             let mut served = i;
             let mut result = attempt(&r.variants[i].servable, &body, header_len).await;
             if let (Err(e), Some(f)) = (&result, r.fallback)
-                && e.is_server_error()
+                && e.is_retryable_elsewhere()
                 && f != i
             {
                 tracing::warn!(
@@ -493,14 +493,17 @@ async fn push_version(
         // Refuse before reading a byte; a body without Content-Length is cut at the limit instead.
         return Err(ApiError::TooLarge(format!("upload is larger than the limit of {limit} bytes")));
     }
+    let patch = (params.ttl_s.is_some() || params.tags.is_some()).then(|| crate::control::VersionPatch {
+        tags: params.tags.map(|t| t.split(',').filter(|t| !t.is_empty()).map(String::from).collect()),
+        ttl_s: params.ttl_s.map(Some),
+    });
+    if let Some(p) = &patch {
+        p.check()?; // before the upload is stored: a refused push leaves no version behind
+    }
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
     let record = st.push(&name, reader).await?;
-    if params.ttl_s.is_some() || params.tags.is_some() {
-        let patch = crate::control::VersionPatch {
-            tags: params.tags.map(|t| t.split(',').filter(|t| !t.is_empty()).map(String::from).collect()),
-            ttl_s: params.ttl_s.map(Some),
-        };
+    if let Some(patch) = patch {
         st.patch_version(&name, record.version, patch).await?;
     }
     let body =
@@ -591,11 +594,11 @@ async fn start_rollout(State(st): St, Path(name): Path<String>, body: Bytes) -> 
 }
 
 async fn abort_rollout(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
-    Ok(axum::Json(st.finish_rollout(&name, false, "rolled back by request", Value::Null).await?))
+    Ok(axum::Json(st.finish_rollout(&name, None, false, "rolled back by request", Value::Null).await?))
 }
 
 async fn promote_rollout(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
-    Ok(axum::Json(st.finish_rollout(&name, true, "promoted by request", Value::Null).await?))
+    Ok(axum::Json(st.finish_rollout(&name, None, true, "promoted by request", Value::Null).await?))
 }
 
 async fn start_experiment(State(st): St, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {

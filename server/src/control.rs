@@ -21,6 +21,9 @@ use crate::error::ApiError;
 use crate::lifecycle::{LiveExperiment, now_ms, version_facts};
 use crate::state::AppState;
 
+/// How `set_policy_locked` is told a change comes from the config file.
+const FROM_CONFIG: &str = " from the config file";
+
 /// An outcome reported after the fact for a request (by its id) or a routing key.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +47,22 @@ pub struct VersionPatch {
     /// Seconds from now until the version retires; `null` clears it.
     #[serde(default, deserialize_with = "some")]
     pub ttl_s: Option<Option<f64>>,
+}
+
+impl VersionPatch {
+    /// Refuses what the registry would refuse, before anything is written.
+    pub fn check(&self) -> Result<(), ApiError> {
+        const CENTURY_S: f64 = 100.0 * 365.25 * 86400.0;
+        if let Some(Some(t)) = self.ttl_s
+            && !(0.0..=CENTURY_S).contains(&t)
+        {
+            return Err(ApiError::BadRequest(format!("ttl_s must be between 0 and {CENTURY_S} seconds, or null")));
+        }
+        if let Some(bad) = self.tags.iter().flatten().find(|t| t.is_empty() || t.len() > 128 || t.contains('\n')) {
+            return Err(ApiError::BadRequest(format!("invalid tag {bad:?}: 1-128 characters, one line")));
+        }
+        Ok(())
+    }
 }
 
 fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
@@ -75,13 +94,8 @@ pub struct Conclusion {
 
 impl AppState {
     fn resolve(&self, name: &str, aliases: &BTreeMap<String, u64>, t: &Target) -> Result<u64, ApiError> {
-        match t {
-            Target::Version(v) => Ok(*v),
-            Target::Alias(a) => aliases
-                .get(a)
-                .copied()
-                .ok_or_else(|| ApiError::BadRequest(format!("model {name:?} has no alias {a:?}"))),
-        }
+        t.resolve(aliases)
+            .ok_or_else(|| ApiError::BadRequest(format!("model {name:?} has no alias {:?}", t.to_string())))
     }
 
     /// Checks that every target of a policy names a servable version.
@@ -129,15 +143,13 @@ impl AppState {
     }
 
     pub async fn patch_version(&self, name: &str, version: u64, patch: VersionPatch) -> Result<Value, ApiError> {
+        patch.check()?;
         let _guard = self.lifecycle.lock().await;
         if let Some(tags) = &patch.tags {
             self.registry.set_tags(name, version, tags).await?;
         }
         if let Some(ttl) = patch.ttl_s {
-            if ttl.is_some_and(|t| !(t >= 0.0 && t.is_finite())) {
-                return Err(ApiError::BadRequest("ttl_s must be a non-negative number of seconds or null".into()));
-            }
-            let expires = ttl.map(|t| now_ms() + (t * 1e3) as u64);
+            let expires = ttl.map(|t| now_ms().saturating_add((t * 1e3) as u64));
             self.registry.set_expiry(name, version, expires).await?;
             let message = match ttl {
                 Some(t) => format!("version {version} retires in {t} s"),
@@ -153,17 +165,39 @@ impl AppState {
     pub async fn set_policy(&self, name: &str, mut policy: ModelPolicy, source: &str) -> Result<Value, ApiError> {
         let _guard = self.lifecycle.lock().await;
         self.set_policy_locked(name, &mut policy, source).await?;
+        self.reconcile_locked(name, None).await?;
         Ok(serde_json::to_value(&policy).unwrap_or(Value::Null))
     }
 
+    /// Records a policy (the caller reconciles).
     async fn set_policy_locked(&self, name: &str, policy: &mut ModelPolicy, source: &str) -> Result<(), ApiError> {
         policy.validate()?;
         let m = self.registry.model(name).await?;
-        self.check_targets(&m, policy)?;
+        let from_config = source == FROM_CONFIG;
+        if !from_config {
+            // The config may name aliases and versions that do not exist yet: they route nothing
+            // until they do. The API refuses them.
+            self.check_targets(&m, policy)?;
+        }
         let before = self.registry.policy(name).await?;
         policy.active_rollout = before.active_rollout.clone();
+        if let Some(r) = policy.active_rollout.as_mut()
+            && policy.route != before.route
+        {
+            if !from_config {
+                return Err(ApiError::Conflict(format!(
+                    "model {name:?} has a rollout in progress: it owns the traffic until it is promoted or rolled back"
+                )));
+            }
+            // The rollout restores this route when it ends.
+            r.route_before = policy.route.take();
+            policy.route = before.route.clone();
+        }
         if *policy == before {
             return Ok(());
+        }
+        if policy.route != before.route {
+            self.thompson.lock().expect("thompson lock").remove(name);
         }
         self.registry.set_policy(name, policy).await?;
         if policy.route != before.route {
@@ -180,31 +214,31 @@ impl AppState {
             let detail = json!({ "version_policy": policy.version_policy, "retirement": policy.retirement, "rollout": policy.rollout });
             self.event(name, None, "policy", &format!("policy changed{source}"), detail).await;
         }
-        self.reconcile_locked(name, None).await
+        Ok(())
     }
 
     /// Sets or clears the model's route, keeping the rest of its policy.
     pub async fn set_route(&self, name: &str, route: Option<RouteSpec>) -> Result<Value, ApiError> {
         let _guard = self.lifecycle.lock().await;
         let mut policy = self.registry.policy(name).await?;
-        if policy.active_rollout.is_some() {
-            return Err(ApiError::Conflict(format!(
-                "model {name:?} has a rollout in progress: it owns the traffic until it is promoted or rolled back"
-            )));
-        }
         policy.route = route;
         self.set_policy_locked(name, &mut policy, "").await?;
+        self.reconcile_locked(name, None).await?;
         Ok(json!({ "model": name, "route": policy.route }))
     }
 
     /// Applies the config file's `[models.NAME]` route, retirement and rollout settings to the
-    /// registry (the config wins over what the API set before the restart).
+    /// registry (the config wins over what the API set before the restart). The caller reconciles.
     pub async fn apply_config(&self, name: &str) -> Result<(), ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        self.apply_config_locked(name).await
+    }
+
+    pub(crate) async fn apply_config_locked(&self, name: &str) -> Result<(), ApiError> {
         let Some(o) = self.config.models.get(name) else { return Ok(()) };
         if o.route.is_none() && o.retirement.is_none() && o.rollout.is_none() {
             return Ok(());
         }
-        let _guard = self.lifecycle.lock().await;
         let mut policy = self.registry.policy(name).await?;
         if let Some(r) = &o.route {
             policy.route = Some(r.clone());
@@ -215,7 +249,7 @@ impl AppState {
         if let Some(r) = &o.rollout {
             policy.rollout = Some(r.clone());
         }
-        self.set_policy_locked(name, &mut policy, " from the config file").await
+        self.set_policy_locked(name, &mut policy, FROM_CONFIG).await
     }
 
     pub async fn start_rollout(&self, name: &str, req: RolloutRequest) -> Result<Value, ApiError> {
@@ -251,16 +285,54 @@ impl AppState {
         Ok(json!({ "model": name, "rollout": rollout }))
     }
 
-    /// Ends the rollout in progress: promotion moves the `champion` alias to the canary and gives
-    /// it the control's traffic; rollback rejects the canary and restores the route.
-    pub async fn finish_rollout(&self, name: &str, promote: bool, why: &str, detail: Value) -> Result<Value, ApiError> {
+    /// Under a rollout policy, a version pushed while another was a canary waits; when that
+    /// rollout ends, the newest such version enters as the next canary against what serves.
+    async fn next_canary_locked(&self, name: &str, policy: &mut ModelPolicy, serving: u64) -> Result<(), ApiError> {
+        let Some(rp) = policy.rollout.clone() else { return Ok(()) };
+        let newest =
+            self.registry.model(name).await?.versions.iter().filter(|v| v.state.servable()).map(|v| v.version).max();
+        if let Some(next) = newest.filter(|&v| v > serving) {
+            let rollout = Rollout::start(next, serving, rp, policy.route.clone(), now_ms());
+            policy.active_rollout = Some(rollout.clone());
+            self.registry.set_policy(name, policy).await?;
+            self.rollout_started(name, &rollout).await;
+        }
+        Ok(())
+    }
+
+    /// Ends the rollout in progress (only if its canary is `expected`, when given): promotion
+    /// moves the `champion` alias, and any alias the route reached the control by, to the canary
+    /// and gives it the control's traffic; rollback rejects the canary and restores the route.
+    pub async fn finish_rollout(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        promote: bool,
+        why: &str,
+        detail: Value,
+    ) -> Result<Value, ApiError> {
         let _guard = self.lifecycle.lock().await;
         let mut policy = self.registry.policy(name).await?;
-        let Some(r) = policy.active_rollout.take() else {
-            return Err(ApiError::Conflict(format!("model {name:?} has no rollout in progress")));
+        let Some(r) = policy.active_rollout.take_if(|r| expected.is_none_or(|e| e == r.canary)) else {
+            return Err(ApiError::Conflict(format!("model {name:?} has no rollout of that canary in progress")));
         };
         self.rollout_marks.lock().expect("marks lock").remove(name);
-        if promote {
+        let serving = if promote {
+            // Aliases first: a crash before the policy is written leaves the rollout active, and
+            // promoting it again is harmless.
+            let aliases = self.registry.aliases(name).await?;
+            let mut moved = vec!["champion".to_string()];
+            for v in r.route_before.iter().flat_map(|route| route.targets()) {
+                if let Target::Alias(a) = v
+                    && aliases.get(a) == Some(&r.control)
+                    && !moved.contains(a)
+                {
+                    moved.push(a.clone());
+                }
+            }
+            for a in &moved {
+                self.registry.set_alias(name, a, r.canary).await?;
+            }
             policy.route = match r.route_before.clone() {
                 Some(mut route) => {
                     for v in &mut route.variants {
@@ -284,26 +356,30 @@ impl AppState {
                 }
             };
             self.registry.set_policy(name, &policy).await?;
-            let previous = self.registry.set_alias(name, "champion", r.canary).await?;
             let message = format!(
-                "version {} promoted over version {}: {why}; alias champion now points at it",
-                r.canary, r.control
+                "version {} promoted over version {}: {why}; alias {} now points at it",
+                r.canary,
+                r.control,
+                moved.join(", ")
             );
             self.event(
                 name,
                 Some(r.canary),
                 "promoted",
                 &message,
-                json!({ "rollout": r, "previous_champion": previous, "windows": detail }),
+                json!({ "rollout": r, "aliases": moved, "windows": detail }),
             )
             .await;
+            r.canary
         } else {
             policy.route = r.route_before.clone();
-            self.registry.set_policy(name, &policy).await?;
             self.registry.take_out_of_service(name, r.canary, VersionState::Rejected, why).await?;
+            self.registry.set_policy(name, &policy).await?;
             let message = format!("version {} rolled back to version {}: {why}", r.canary, r.control);
             self.event(name, Some(r.canary), "rolled_back", &message, json!({ "rollout": r, "windows": detail })).await;
-        }
+            r.control
+        };
+        self.next_canary_locked(name, &mut policy, serving).await?;
         self.reconcile_locked(name, None).await?;
         Ok(json!({ "model": name, "canary": r.canary, "promoted": promote, "reason": why }))
     }
@@ -341,11 +417,11 @@ impl AppState {
             started_ms: now_ms(),
             ended_ms: None,
             conclusion: None,
+            decisions: Default::default(),
         };
         let e = self.registry.create_experiment(e).await?;
         let start_marks = versions.iter().map(|&v| (v, self.traffic_for(name, v).mark())).collect();
-        let live =
-            LiveExperiment { experiment: e.clone(), totals: BTreeMap::new(), p_values: BTreeMap::new(), start_marks };
+        let live = LiveExperiment::new(e.clone(), BTreeMap::new(), start_marks);
         self.experiments.lock().expect("experiments lock").insert(name.to_string(), live);
         let policy = self.registry.policy(name).await?;
         self.install_routing(name, &policy, &m.aliases);
@@ -362,12 +438,7 @@ impl AppState {
                 continue;
             }
             let totals = self.registry.outcome_totals(e.id).await?;
-            let live = LiveExperiment {
-                experiment: e.clone(),
-                totals,
-                p_values: BTreeMap::new(),
-                start_marks: BTreeMap::new(),
-            };
+            let live = LiveExperiment::new(e.clone(), totals, BTreeMap::new());
             self.experiments.lock().expect("experiments lock").insert(e.model.clone(), live);
         }
         Ok(())
@@ -375,16 +446,19 @@ impl AppState {
 
     pub async fn experiment_report(&self, id: u64) -> Result<Value, ApiError> {
         let e = self.registry.experiment(id).await?;
+        self.report_of(&e).await
+    }
+
+    /// The live report of a running experiment, or one rebuilt from its recorded outcomes.
+    async fn report_of(&self, e: &Experiment) -> Result<Value, ApiError> {
         let traffic = |v: u64| self.traffic_mark(&e.model, v);
         if let Some(live) =
-            self.experiments.lock().expect("experiments lock").get_mut(&e.model).filter(|l| l.experiment.id == id)
+            self.experiments.lock().expect("experiments lock").get_mut(&e.model).filter(|l| l.experiment.id == e.id)
         {
             return Ok(live.report(traffic));
         }
-        let totals = self.registry.outcome_totals(id).await?;
-        let mut past =
-            LiveExperiment { experiment: e.clone(), totals, p_values: BTreeMap::new(), start_marks: BTreeMap::new() };
-        Ok(past.report(traffic))
+        let totals = self.registry.outcome_totals(e.id).await?;
+        Ok(LiveExperiment::new(e.clone(), totals, BTreeMap::new()).report(traffic))
     }
 
     /// Stops an experiment; with `conclusion`, also promotes the winner by moving an alias.
@@ -395,7 +469,7 @@ impl AppState {
             return Err(ApiError::Conflict(format!("experiment {id} is already {:?}", e.state).to_lowercase()));
         }
         let name = e.model.clone();
-        let report = self.experiment_report_live(&e).await?;
+        let report = self.report_of(&e).await?;
         let mut winner = None;
         if let Some(c) = &conclusion {
             let w = match c.winner {
@@ -409,35 +483,29 @@ impl AppState {
             };
             winner = Some(w);
         }
+        let alias = conclusion.and_then(|c| c.alias).unwrap_or_else(|| "champion".into());
+        // The alias moves first: if it cannot (a bad name, a retired winner), nothing changed.
+        if let Some(w) = winner {
+            self.registry.set_alias(&name, &alias, w).await?;
+        }
+        if let Some(live) =
+            self.experiments.lock().expect("experiments lock").get(&name).filter(|l| l.experiment.id == id)
+        {
+            e.decisions = live.experiment.decisions.clone();
+        }
         e.state = if winner.is_some() { ExperimentState::Concluded } else { ExperimentState::Stopped };
         e.ended_ms = Some(now_ms());
         e.conclusion = winner.map(|w| format!("version {w} won"));
         self.registry.update_experiment(&e).await?;
         self.experiments.lock().expect("experiments lock").remove(&name);
         self.thompson.lock().expect("thompson lock").remove(&name);
-        let alias = conclusion.and_then(|c| c.alias).unwrap_or_else(|| "champion".into());
         let message = match winner {
-            Some(w) => {
-                self.registry.set_alias(&name, &alias, w).await?;
-                format!("experiment {id} concluded: version {w} wins; alias {alias} now points at it")
-            }
+            Some(w) => format!("experiment {id} concluded: version {w} wins; alias {alias} now points at it"),
             None => format!("experiment {id} stopped"),
         };
         self.event(&name, winner, "experiment", &message, json!({ "experiment": e, "report": report })).await;
         self.reconcile_locked(&name, None).await?;
         Ok(json!({ "experiment": e, "report": report }))
-    }
-
-    async fn experiment_report_live(&self, e: &Experiment) -> Result<Value, ApiError> {
-        let traffic = |v: u64| self.traffic_mark(&e.model, v);
-        if let Some(live) =
-            self.experiments.lock().expect("experiments lock").get_mut(&e.model).filter(|l| l.experiment.id == e.id)
-        {
-            return Ok(live.report(traffic));
-        }
-        let totals = self.registry.outcome_totals(e.id).await?;
-        Ok(LiveExperiment { experiment: e.clone(), totals, p_values: BTreeMap::new(), start_marks: BTreeMap::new() }
-            .report(traffic))
     }
 
     /// Records business outcomes, joined to the variant that served each request. All or nothing:
@@ -532,49 +600,55 @@ impl AppState {
     async fn tick_model(&self, m: &ModelRecord) -> Result<(), ApiError> {
         let name = &m.name;
         let policy = self.registry.policy(name).await?;
-        let route_versions: Vec<u64> = policy
-            .route
-            .iter()
-            .flat_map(|r| r.variants.iter())
-            .filter_map(|v| self.resolve(name, &m.aliases, &v.target).ok())
-            .collect();
-        let (verdicts, shares) = {
-            let mut experiments = self.experiments.lock().expect("experiments lock");
-            match experiments.get_mut(name) {
-                Some(live) => {
-                    let verdicts = live.compare();
-                    let shares = match &policy.route {
-                        Some(r) if r.strategy == Strategy::Thompson && policy.active_rollout.is_none() => {
-                            Some(live.thompson(&route_versions, r.floor))
-                        }
-                        _ => None,
-                    };
-                    (verdicts, shares)
-                }
-                None => (BTreeMap::new(), None),
+        let (verdicts, decided) = match self.experiments.lock().expect("experiments lock").get_mut(name) {
+            Some(live) => {
+                let verdicts = live.compare();
+                let decided = live.take_unsaved();
+                (verdicts, (!decided.is_empty()).then(|| (live.experiment.clone(), decided)))
             }
+            None => (BTreeMap::new(), None),
         };
-        if let Some(shares) = shares {
-            let _guard = self.lifecycle.lock().await;
-            self.thompson.lock().expect("thompson lock").insert(name.clone(), shares);
-            let policy = self.registry.policy(name).await?;
-            self.install_routing(name, &policy, &self.registry.aliases(name).await?);
+        if let Some((e, versions)) = decided {
+            // A decision stands: recorded so that a restart keeps it.
+            self.registry.update_experiment(&e).await?;
+            for v in versions {
+                let d = e.decisions[&v];
+                let message = format!(
+                    "experiment {}: version {v} is {} than version {} (difference {:.4}, always-valid p = {:.5})",
+                    e.id,
+                    if d.verdict == Verdict::Better { "better" } else { "worse" },
+                    e.control,
+                    d.difference,
+                    d.p_value
+                );
+                self.event(name, Some(v), "experiment", &message, json!({ "experiment": e.id, "decision": d })).await;
+            }
+        }
+        if let Some(route) = policy.route.as_ref().filter(|r| r.strategy == Strategy::Thompson)
+            && policy.active_rollout.is_none()
+        {
+            let due = self
+                .thompson
+                .lock()
+                .expect("thompson lock")
+                .get(name)
+                .is_none_or(|(at, _)| now_ms().saturating_sub(*at) as f64 >= route.rebalance_s * 1e3);
+            if due {
+                self.reshare(name).await?;
+            }
         }
         if let Some(r) = &policy.active_rollout {
-            self.step_rollout(name, r, verdicts.get(&r.canary).map(|(_, v)| *v)).await?;
-            return Ok(());
+            return self.step_rollout(name, r, verdicts.get(&r.canary).map(|(_, v)| *v)).await;
         }
         let lost: BTreeMap<u64, String> = verdicts
             .iter()
             .filter(|(_, (_, v))| *v == Verdict::Worse)
             .map(|(&v, (c, _))| {
-                (
-                    v,
-                    format!(
-                        "the sequential test found it worse than the control (difference {:.4}, p = {:.4})",
-                        c.difference, c.p_value
-                    ),
-                )
+                let why = format!(
+                    "the sequential test found it worse than the control (difference {:.4}, p = {:.5})",
+                    c.difference, c.p_value
+                );
+                (v, why)
             })
             .collect();
         let loaded = self.manager.loaded_versions(name);
@@ -582,7 +656,7 @@ impl AppState {
             &m.versions,
             &loaded,
             |v| self.manager.get(name, Some(v)).map(|(_, s)| s.loaded_at_ms).unwrap_or_else(now_ms),
-            |v| self.manager.get(name, Some(v)).and_then(|(_, s)| s.traffic.last_request_ms()),
+            |v| self.last_request_ms(name, v),
             &lost,
         );
         for (v, why) in retirements(&policy.retirement, &facts, self.serving_version(name), now_ms()) {
@@ -591,7 +665,33 @@ impl AppState {
         Ok(())
     }
 
+    /// Re-computes the Thompson shares of a model's route from its running experiment.
+    async fn reshare(&self, name: &str) -> Result<(), ApiError> {
+        let _guard = self.lifecycle.lock().await;
+        let policy = self.registry.policy(name).await?;
+        let Some(route) = policy.route.as_ref().filter(|r| r.strategy == Strategy::Thompson) else { return Ok(()) };
+        let aliases = self.registry.aliases(name).await?;
+        let order: Vec<u64> = route.variants.iter().filter_map(|v| v.target.resolve(&aliases)).collect();
+        if order.len() != route.variants.len() {
+            return Ok(()); // a variant resolves to nothing: the routing splits evenly meanwhile
+        }
+        let shares = match self.experiments.lock().expect("experiments lock").get(name) {
+            Some(live) => live.thompson(&order, route.floor),
+            None => return Ok(()),
+        };
+        self.thompson.lock().expect("thompson lock").insert(name.to_string(), (now_ms(), shares));
+        self.install_routing(name, &policy, &aliases);
+        Ok(())
+    }
+
     async fn step_rollout(&self, name: &str, r: &Rollout, outcome: Option<Verdict>) -> Result<(), ApiError> {
+        if self.manager.get(name, Some(r.canary)).is_none() {
+            let record = self.registry.version(name, r.canary).await?;
+            if !record.state.servable() {
+                let why = format!("it is {}: {}", record.state.as_str(), record.reason.unwrap_or_default());
+                return self.finish_rollout(name, Some(r.canary), false, &why, Value::Null).await.map(|_| ());
+            }
+        }
         let marks = self.rollout_marks.lock().expect("marks lock").get(name).cloned();
         let Some((canary_mark, control_mark)) = marks else {
             // After a restart: the current step's window starts now.
@@ -630,14 +730,21 @@ impl AppState {
             }
             Action::Promote => {
                 let why = format!("its gates held at every step up to {}%", r.weight);
-                self.finish_rollout(name, true, &why, windows).await.map(|_| ())
+                self.finish_rollout(name, Some(r.canary), true, &why, windows).await.map(|_| ())
             }
-            Action::Rollback(why) => self.finish_rollout(name, false, &why, windows).await.map(|_| ()),
+            Action::Rollback(why) => self.finish_rollout(name, Some(r.canary), false, &why, windows).await.map(|_| ()),
         }
     }
 
     async fn retire(&self, name: &str, version: u64, why: &str) -> Result<(), ApiError> {
         let _guard = self.lifecycle.lock().await;
+        // Judged before the lock: skip it if a rollout started or the version changed meanwhile.
+        let still = self.registry.policy(name).await?.active_rollout.is_none()
+            && self.registry.version(name, version).await?.state.servable()
+            && self.manager.loaded_versions(name).len() > 1;
+        if !still {
+            return Ok(());
+        }
         self.registry.take_out_of_service(name, version, VersionState::Retired, why).await?;
         self.event(
             name,

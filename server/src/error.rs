@@ -26,10 +26,15 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// Whether the failure is the server's (counted against a version by the health gates), not
-    /// the client's.
-    pub fn is_server_error(&self) -> bool {
-        self.status().is_server_error()
+    /// Whether the failure is the version's own (counted against it by the health gates): not a
+    /// refused input, a full queue or a client's deadline.
+    pub fn is_version_fault(&self) -> bool {
+        matches!(self, ApiError::Internal(_))
+    }
+
+    /// Whether another version might answer the request instead (a canary's control).
+    pub fn is_retryable_elsewhere(&self) -> bool {
+        matches!(self, ApiError::Internal(_) | ApiError::Unavailable { .. })
     }
 
     pub fn status(&self) -> StatusCode {

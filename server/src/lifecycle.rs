@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use algolink_engine::{DataType, Tensor};
+use algolink_registry::lifecycle::Decision;
 use algolink_registry::lifecycle::retire::VersionFacts;
 use algolink_registry::lifecycle::rollout::Window;
 use algolink_registry::lifecycle::route::{Split, Strategy, Target, shadowed, traffic_slot};
@@ -104,7 +105,13 @@ impl ShadowStats {
     /// (mirrored requests answered, failed, dropped, largest |difference| seen)
     pub fn counts(&self) -> (u64, u64, u64, f64) {
         let m = self.traffic.mark();
-        (m.requests - m.errors, m.errors, self.dropped.load(Relaxed), self.diff.lock().expect("shadow lock").2)
+        // Two relaxed loads: errors may be counted before the request they belong to.
+        (
+            m.requests.saturating_sub(m.errors),
+            m.errors,
+            self.dropped.load(Relaxed),
+            self.diff.lock().expect("shadow lock").2,
+        )
     }
 
     pub fn json(&self) -> Value {
@@ -293,30 +300,57 @@ impl Assignments {
     }
 }
 
-/// A running experiment with its outcome totals per version and the always-valid p-values.
+/// An experiment with its outcome totals per version and the sequential test's last look.
 pub struct LiveExperiment {
     pub experiment: Experiment,
     pub totals: BTreeMap<u64, Moments>,
-    pub p_values: BTreeMap<u64, f64>,
+    /// The last look per version (p-value and interval only tighten from look to look).
+    looks: BTreeMap<u64, Comparison>,
     /// Traffic counters per version when the experiment started (or the server did).
     pub start_marks: BTreeMap<u64, Mark>,
+    /// Decisions made at a look but not yet recorded in the registry.
+    unsaved: Vec<u64>,
 }
 
 impl LiveExperiment {
-    /// The sequential comparison of each non-control version with the control, updating the
-    /// running p-values.
+    pub fn new(experiment: Experiment, totals: BTreeMap<u64, Moments>, start_marks: BTreeMap<u64, Mark>) -> Self {
+        // Recorded decisions carry their p-value across restarts.
+        let looks = experiment
+            .decisions
+            .iter()
+            .map(|(&v, d)| (v, Comparison { p_value: d.p_value, ..Comparison::START }))
+            .collect();
+        LiveExperiment { experiment, totals, looks, start_marks, unsaved: Vec::new() }
+    }
+
+    /// Looks at each non-control version against the control: the comparison and the verdict.
+    /// A decision made at this look goes into `experiment.decisions`, and is listed by
+    /// `take_unsaved` until the caller records it.
     pub fn compare(&mut self) -> BTreeMap<u64, (Comparison, Verdict)> {
-        let e = &self.experiment;
-        let control = self.totals.get(&e.control).copied().unwrap_or_default();
+        let cfg = self.experiment.test_per_comparison();
+        let control = self.totals.get(&self.experiment.control).copied().unwrap_or_default();
         let mut out = BTreeMap::new();
-        for &v in e.versions.iter().filter(|&&v| v != e.control) {
+        let versions: Vec<u64> =
+            self.experiment.versions.iter().copied().filter(|&v| v != self.experiment.control).collect();
+        for v in versions {
             let t = self.totals.get(&v).copied().unwrap_or_default();
-            let prev = self.p_values.get(&v).copied().unwrap_or(1.0);
-            let c = msprt(&e.test, &control, &t, prev);
-            self.p_values.insert(v, c.p_value);
-            out.insert(v, (c, verdict(&e.test, &control, &t, &c)));
+            let previous = self.looks.get(&v).copied().unwrap_or(Comparison::START);
+            let c = msprt(&cfg, &control, &t, &previous);
+            self.looks.insert(v, c);
+            let before = self.experiment.decisions.get(&v).map(|d| d.verdict).unwrap_or_default();
+            let now = verdict(&cfg, &control, &t, &c, before);
+            if now != before && matches!(now, Verdict::Better | Verdict::Worse) {
+                let d = Decision { verdict: now, p_value: c.p_value, difference: c.difference, at_ms: now_ms() };
+                self.experiment.decisions.insert(v, d);
+                self.unsaved.push(v);
+            }
+            out.insert(v, (c, now));
         }
         out
+    }
+
+    pub fn take_unsaved(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.unsaved)
     }
 
     /// Thompson shares over the experiment's versions in `order` (route order).
@@ -329,7 +363,7 @@ impl LiveExperiment {
     pub fn report(&mut self, traffic: impl Fn(u64) -> Option<Mark>) -> Value {
         let comparisons = self.compare();
         let e = &self.experiment;
-        let alpha = e.test.alpha;
+        let alpha = e.test_per_comparison().alpha;
         let variants: Vec<Value> = e
             .versions
             .iter()
@@ -349,7 +383,7 @@ impl LiveExperiment {
                     "latency_ms": percentiles_ms(&latency),
                     "outcomes": m.n,
                     "mean": m.mean(),
-                    "interval": [finite(lo), finite(hi)],
+                    "mean_interval": [finite(lo), finite(hi)],
                 });
                 if let Some((c, verdict)) = comparisons.get(&v) {
                     out["difference"] = json!(c.difference);
@@ -361,6 +395,7 @@ impl LiveExperiment {
             })
             .collect();
         let mut doc = serde_json::to_value(e).unwrap_or(Value::Null);
+        doc["alpha_per_comparison"] = json!(alpha);
         doc["variants"] = Value::Array(variants);
         doc
     }
@@ -370,7 +405,8 @@ fn finite(x: f64) -> Value {
     if x.is_finite() { json!(x) } else { Value::Null }
 }
 
-/// The facts the retirement rules judge, for the loaded versions of one model.
+/// The facts the retirement rules judge, for the loaded versions of one model. `last_request`
+/// counts live and mirrored (shadow) requests.
 pub fn version_facts(
     records: &[algolink_registry::VersionRecord],
     loaded: &[u64],

@@ -54,8 +54,8 @@ pub struct AppState {
     /// Running experiments, by model.
     pub(crate) experiments: Mutex<HashMap<String, LiveExperiment>>,
     pub(crate) assignments: Mutex<Assignments>,
-    /// Current Thompson shares per model (route order).
-    pub(crate) thompson: Mutex<HashMap<String, Vec<f64>>>,
+    /// Current Thompson shares per model (route order), and when they were computed.
+    pub(crate) thompson: Mutex<HashMap<String, (u64, Vec<f64>)>>,
     /// Traffic marks (canary, control) at the start of the current rollout step.
     pub(crate) rollout_marks: Mutex<HashMap<String, (Mark, Mark)>>,
     /// Bounds the mirrored requests in flight: shadow work is dropped, never queued.
@@ -135,6 +135,14 @@ impl AppState {
 
     pub fn shadow_for(&self, name: &str, version: u64) -> Arc<ShadowStats> {
         self.shadows.lock().expect("shadow lock").entry((name.to_string(), version)).or_default().clone()
+    }
+
+    /// The last live or mirrored request a version served.
+    pub fn last_request_ms(&self, name: &str, version: u64) -> Option<u64> {
+        let key = (name.to_string(), version);
+        let live = self.traffic.lock().expect("traffic lock").get(&key).and_then(|t| t.last_request_ms());
+        let mirrored = self.shadows.lock().expect("shadow lock").get(&key).and_then(|s| s.traffic.last_request_ms());
+        live.max(mirrored)
     }
 
     pub fn shadow_stats(&self, name: &str) -> Vec<(u64, Arc<ShadowStats>)> {
@@ -227,9 +235,7 @@ impl AppState {
         self.unloaded.lock().expect("unloaded lock").remove(name);
         if record.version == 1 {
             // A new model takes the config's route, retirement and rollout settings.
-            drop(_guard);
-            self.apply_config(name).await?;
-            return self.finish_first_push(name, record.version, model).await;
+            self.apply_config_locked(name).await?;
         }
         // A model with a rollout policy takes new versions as canaries against what serves now.
         let mut policy = self.registry.policy(name).await?;
@@ -243,17 +249,6 @@ impl AppState {
         }
         self.reconcile_locked(name, Some((record.version, model))).await?;
         Ok(self.registry.version(name, record.version).await?)
-    }
-
-    async fn finish_first_push(
-        &self,
-        name: &str,
-        version: u64,
-        model: Arc<dyn Model>,
-    ) -> Result<VersionRecord, ApiError> {
-        let _guard = self.lifecycle.lock().await;
-        self.reconcile_locked(name, Some((version, model))).await?;
-        Ok(self.registry.version(name, version).await?)
     }
 
     async fn load_files(&self, name: &str, files: algolink_engine::ModelFiles) -> Result<Arc<dyn Model>, ApiError> {
@@ -403,7 +398,7 @@ impl AppState {
         keep: impl Fn(u64) -> bool,
     ) {
         let experiment = self.experiments.lock().expect("experiments lock").get(name).map(|l| l.experiment.clone());
-        let shares = self.thompson.lock().expect("thompson lock").get(name).cloned();
+        let shares = self.thompson.lock().expect("thompson lock").get(name).map(|(_, s)| s.clone());
         let routing = build_routing(policy, aliases, experiment.as_ref(), shares.as_deref(), |v| {
             keep(v).then(|| self.manager.get(name, Some(v)).map(|(_, s)| s)).flatten()
         });

@@ -90,6 +90,20 @@ async fn healthy_canary_is_promoted_slow_and_failing_ones_rolled_back_without_a_
     assert!(rolled_back["message"].as_str().unwrap().contains("error rate 100.00%"), "{rolled_back}");
     assert_eq!(server.ok("GET", "/v1/models/m", None).await["versions"][3]["state"], "rejected");
 
+    // Two pushes in a row: the second waits for the first's rollout, then enters as the next
+    // canary. While a rollout runs, it owns the traffic: a route change is refused.
+    server.push("m", "canary_fast.onnx").await;
+    server.push("m", "canary_fast.onnx").await;
+    let (status, body) =
+        server.call("PUT", "/v1/models/m/route", Some(json!({ "variants": [{ "target": 2, "weight": 100 }] }))).await;
+    assert_eq!(status, 409, "{body}");
+    let second = event(&server, "promoted", 2).await;
+    assert_eq!(second["version"], 6, "{second}");
+    let started = server.ok("GET", "/v1/events?model=m&kind=rollout_started", None).await;
+    let canaries: Vec<u64> = started.as_array().unwrap().iter().map(|e| e["version"].as_u64().unwrap()).collect();
+    assert_eq!(canaries, [2, 3, 4, 5, 6]);
+    assert!(started[4]["message"].as_str().unwrap().contains("against version 5"), "{}", started[4]);
+
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut statuses = Vec::new();
@@ -100,7 +114,7 @@ async fn healthy_canary_is_promoted_slow_and_failing_ones_rolled_back_without_a_
     println!("{} requests during the three rollouts, {failed} failed", statuses.len());
     assert_eq!(failed, 0);
     let (status, body) = server.infer("/v2/models/m/infer", &serde_json::from_str(&request()).unwrap()).await;
-    assert_eq!((status, body["model_version"].as_str()), (200, Some("2")), "the promoted version serves");
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("6")), "the last promoted version serves");
     let kinds: Vec<String> = server
         .ok("GET", "/v1/events?model=m", None)
         .await

@@ -114,6 +114,27 @@ pub struct Experiment {
     pub ended_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conclusion: Option<String>,
+    /// Decisions of the sequential test per version, recorded when made (they stand).
+    #[serde(default)]
+    pub decisions: std::collections::BTreeMap<u64, Decision>,
+}
+
+/// A version found better or worse than the control.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub verdict: stats::Verdict,
+    pub p_value: f64,
+    pub difference: f64,
+    pub at_ms: u64,
+}
+
+impl Experiment {
+    /// Alpha per comparison: the experiment's alpha split over its comparisons with the control
+    /// (Bonferroni), so the chance of any false decision stays at most alpha.
+    pub fn test_per_comparison(&self) -> SequentialConfig {
+        let comparisons = self.versions.len().saturating_sub(1).max(1) as f64;
+        SequentialConfig { alpha: self.test.alpha / comparisons, ..self.test }
+    }
 }
 
 /// Alias names: like model names, but never all digits (that reads as a version).

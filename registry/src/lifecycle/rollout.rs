@@ -159,7 +159,8 @@ pub enum Action {
 /// The next move of a rollout at `now_ms`, given the step window of both variants and, when an
 /// experiment is attached, the sequential test of the canary against the control.
 pub fn decide(r: &Rollout, canary: &Window, control: &Window, outcome: Option<Verdict>, now_ms: u64) -> Action {
-    if let GateResult::Fail(why) = check_gates(&r.policy.gates, canary, control) {
+    let gates = check_gates(&r.policy.gates, canary, control);
+    if let GateResult::Fail(why) = gates {
         return Action::Rollback(why);
     }
     if outcome == Some(Verdict::Worse) {
@@ -169,8 +170,7 @@ pub fn decide(r: &Rollout, canary: &Window, control: &Window, outcome: Option<Ve
     if elapsed(r.started_ms) >= r.policy.deadline_s {
         return Action::Rollback(format!("not promoted within the deadline of {} s", r.policy.deadline_s));
     }
-    let judged = check_gates(&r.policy.gates, canary, control) == GateResult::Pass;
-    if elapsed(r.step_started_ms) < r.policy.interval_s || !judged {
+    if elapsed(r.step_started_ms) < r.policy.interval_s || gates != GateResult::Pass {
         return Action::Hold;
     }
     if r.weight >= r.policy.max_weight {

@@ -20,6 +20,14 @@ pub enum Target {
 }
 
 impl Target {
+    /// The version it names, through `aliases`.
+    pub fn resolve(&self, aliases: &std::collections::BTreeMap<String, u64>) -> Option<u64> {
+        match self {
+            Target::Version(v) => Some(*v),
+            Target::Alias(a) => aliases.get(a).copied(),
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Target, RegistryError> {
         if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
             return s
@@ -101,10 +109,17 @@ pub struct RouteSpec {
     pub floor: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<Shadow>,
+    /// Seconds between two re-computations of Thompson shares (each moves some keys).
+    #[serde(default = "default_rebalance")]
+    pub rebalance_s: f64,
 }
 
 fn default_floor() -> f64 {
     5.0
+}
+
+fn default_rebalance() -> f64 {
+    60.0
 }
 
 impl RouteSpec {
@@ -115,6 +130,7 @@ impl RouteSpec {
             strategy: Strategy::Fixed,
             floor: default_floor(),
             shadow: None,
+            rebalance_s: default_rebalance(),
         }
     }
 
@@ -141,6 +157,9 @@ impl RouteSpec {
                 }
                 if !(0.0..=100.0).contains(&self.floor) || self.floor * self.variants.len() as f64 > 100.0 {
                     return bad(format!("floor {}% times {} variants exceeds 100%", self.floor, self.variants.len()));
+                }
+                if !(self.rebalance_s > 0.0 && self.rebalance_s.is_finite()) {
+                    return bad("rebalance_s must be a positive number of seconds".into());
                 }
             }
         }
@@ -175,8 +194,9 @@ pub struct Split {
 
 impl Split {
     /// Ranges proportional to `weights` (any non-negative scale), rounded by largest remainder so
-    /// they cover the line exactly. All-zero weights split evenly.
+    /// they cover the line exactly. All-zero weights split evenly; `weights` must not be empty.
     pub fn from_weights(weights: &[f64]) -> Split {
+        debug_assert!(!weights.is_empty(), "a split of nothing");
         let n = weights.len().max(1);
         let total: f64 = weights.iter().map(|w| w.max(0.0)).sum();
         let exact: Vec<f64> = if total > 0.0 {

@@ -124,41 +124,55 @@ impl SequentialConfig {
     }
 }
 
-/// A comparison of a treatment with the control at one moment.
+/// A comparison of a treatment with the control at one look, carrying what the earlier looks
+/// established (the p-value and the interval only ever tighten).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Comparison {
     /// Treatment mean minus control mean.
     pub difference: f64,
-    /// Always-valid confidence interval of the difference at level 1 - alpha.
+    /// Always-valid confidence interval of the difference at level 1 - alpha: the intersection
+    /// of every look's interval.
     pub interval: (f64, f64),
-    /// Always-valid p-value: the least 1/Λ seen so far (pass the previous one in).
+    /// Always-valid p-value: the least 1/Λ seen so far.
     pub p_value: f64,
 }
 
-/// The mSPRT of H0 "equal means" after `control` and `treatment` outcomes. `previous_p` is the
-/// p-value from the last look (1.0 at the start): the always-valid p-value never goes up.
-pub fn msprt(cfg: &SequentialConfig, control: &Moments, treatment: &Moments, previous_p: f64) -> Comparison {
+impl Comparison {
+    /// Before the first look.
+    pub const START: Comparison =
+        Comparison { difference: 0.0, interval: (f64::NEG_INFINITY, f64::INFINITY), p_value: 1.0 };
+}
+
+/// The mSPRT of H0 "equal means" after `control` and `treatment` outcomes, given the previous
+/// look (`Comparison::START` at first).
+pub fn msprt(cfg: &SequentialConfig, control: &Moments, treatment: &Moments, previous: &Comparison) -> Comparison {
     let difference = treatment.mean() - control.mean();
-    let v = if control.n < 2 || treatment.n < 2 {
-        0.0
-    } else {
-        control.variance() / control.n as f64 + treatment.variance() / treatment.n as f64
-    };
+    let (nc, nt) = (control.n as f64, treatment.n as f64);
+    let mut v =
+        if control.n < 2 || treatment.n < 2 { 0.0 } else { control.variance() / nc + treatment.variance() / nt };
+    if v <= 0.0 && control.n >= 2 && treatment.n >= 2 {
+        // Both arms constant (0% against 100%, say): the pooled spread still measures the gap.
+        let mut pooled = *control;
+        pooled.add_many(treatment.n, treatment.sum, treatment.sum_sq);
+        v = pooled.variance() * (1.0 / nc + 1.0 / nt);
+    }
     let tau2 = cfg.min_effect * cfg.min_effect;
     if v <= 0.0 || !v.is_finite() {
         // No spread measured yet: no evidence either way.
-        return Comparison { difference, interval: (f64::NEG_INFINITY, f64::INFINITY), p_value: previous_p.min(1.0) };
+        return Comparison { difference, ..*previous };
     }
     let log_lambda = 0.5 * (v / (v + tau2)).ln() + difference * difference * tau2 / (2.0 * v * (v + tau2));
     let p = (-log_lambda).exp().min(1.0);
     let half = (v * (v + tau2) / tau2 * (((v + tau2) / v).ln() - 2.0 * cfg.alpha.ln())).sqrt();
-    Comparison { difference, interval: (difference - half, difference + half), p_value: previous_p.min(p) }
+    let interval = ((difference - half).max(previous.interval.0), (difference + half).min(previous.interval.1));
+    Comparison { difference, interval, p_value: previous.p_value.min(p) }
 }
 
 /// What a sequential comparison says now. Higher outcomes are better.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
+    #[default]
     /// Keep collecting.
     Continue,
     /// The treatment is better than the control (p <= alpha).
@@ -169,7 +183,18 @@ pub enum Verdict {
     NoDifference,
 }
 
-pub fn verdict(cfg: &SequentialConfig, control: &Moments, treatment: &Moments, c: &Comparison) -> Verdict {
+/// The verdict after a look. A decision, once made, stands: `previous` Better or Worse is kept
+/// (the running p-value stays below alpha, and the direction is the one seen when it crossed).
+pub fn verdict(
+    cfg: &SequentialConfig,
+    control: &Moments,
+    treatment: &Moments,
+    c: &Comparison,
+    previous: Verdict,
+) -> Verdict {
+    if matches!(previous, Verdict::Better | Verdict::Worse) {
+        return previous;
+    }
     let least = control.n.min(treatment.n);
     if least < cfg.min_samples {
         return Verdict::Continue;
@@ -292,19 +317,25 @@ mod tests {
             (bernoulli(5000, 500), bernoulli(5000, 350), Verdict::Worse),
             (bernoulli(5000, 500), bernoulli(5000, 650), Verdict::Better),
             (bernoulli(20_000, 2000), bernoulli(20_000, 2010), Verdict::NoDifference),
-            (bernoulli(200, 0), bernoulli(200, 0), Verdict::Continue), // no spread yet
+            (bernoulli(200, 0), bernoulli(200, 0), Verdict::Continue), // no spread at all
         ];
         for (c, t, want) in cases {
-            let cmp = msprt(&cfg, &c, &t, 1.0);
-            assert_eq!(verdict(&cfg, &c, &t, &cmp), want, "{c:?} vs {t:?}: {cmp:?}");
+            let cmp = msprt(&cfg, &c, &t, &Comparison::START);
+            assert_eq!(verdict(&cfg, &c, &t, &cmp, Verdict::Continue), want, "{c:?} vs {t:?}: {cmp:?}");
             if want == Verdict::Worse || want == Verdict::Better {
                 assert!(cmp.interval.0 * cmp.interval.1 > 0.0, "the interval excludes 0 when p <= alpha: {cmp:?}");
             }
         }
-        // The always-valid p-value never rises.
-        let low = msprt(&cfg, &bernoulli(5000, 500), &bernoulli(5000, 350), 1.0).p_value;
-        let later = msprt(&cfg, &bernoulli(6000, 600), &bernoulli(6000, 600), low);
-        assert_eq!(later.p_value, low);
+        // The always-valid p-value never rises, the interval never widens, a decision stands.
+        let (c, t) = (bernoulli(5000, 500), bernoulli(5000, 350));
+        let first = msprt(&cfg, &c, &t, &Comparison::START);
+        let later = msprt(&cfg, &bernoulli(6000, 600), &bernoulli(6000, 600), &first);
+        assert_eq!(later.p_value, first.p_value);
+        assert!(later.interval.1 <= first.interval.1 && later.interval.0 >= first.interval.0);
+        assert_eq!(verdict(&cfg, &c, &t, &later, Verdict::Worse), Verdict::Worse);
+        // Constant arms: the pooled spread decides 0% against 100%.
+        let all_or_nothing = msprt(&cfg, &bernoulli(200, 0), &bernoulli(200, 200), &Comparison::START);
+        assert!(all_or_nothing.p_value < 1e-6, "{all_or_nothing:?}");
     }
 
     #[test]
