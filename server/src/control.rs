@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use algolink_registry::lifecycle::retire::retirements;
 use algolink_registry::lifecycle::rollout::Rollout;
-use algolink_registry::lifecycle::rollout::{self, Action, RolloutPolicy};
+use algolink_registry::lifecycle::rollout::{self, Action, GateResult, Gates, RolloutPolicy, check_gates};
 use algolink_registry::lifecycle::route::{RouteSpec, Strategy, Target};
 use algolink_registry::lifecycle::stats::Verdict;
 use algolink_registry::lifecycle::{Experiment, ExperimentSpec, ExperimentState, ModelPolicy};
@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::lifecycle::{LiveExperiment, now_ms, version_facts};
+use crate::lifecycle::{LiveExperiment, Mark, now_ms, version_facts};
 use crate::state::AppState;
 
 /// How `set_policy_locked` is told a change comes from the config file.
@@ -640,7 +640,7 @@ impl AppState {
         if let Some(r) = &policy.active_rollout {
             return self.step_rollout(name, r, verdicts.get(&r.canary).map(|(_, v)| *v)).await;
         }
-        let lost: BTreeMap<u64, String> = verdicts
+        let mut lost: BTreeMap<u64, String> = verdicts
             .iter()
             .filter(|(_, (_, v))| *v == Verdict::Worse)
             .map(|(&v, (c, _))| {
@@ -652,6 +652,9 @@ impl AppState {
             })
             .collect();
         let loaded = self.manager.loaded_versions(name);
+        if let Some(gates) = policy.retirement.gates.as_ref().filter(|_| policy.retirement.on_loss) {
+            lost.extend(self.gate_losses(name, &loaded, gates, policy.retirement.gate_window_s));
+        }
         let facts = version_facts(
             &m.versions,
             &loaded,
@@ -663,6 +666,32 @@ impl AppState {
             self.retire(name, v, &why).await?;
         }
         Ok(())
+    }
+
+    /// At the end of each gate window: the loaded versions that failed their gates against the
+    /// serving version over it.
+    fn gate_losses(&self, name: &str, loaded: &[u64], gates: &Gates, window_s: f64) -> BTreeMap<u64, String> {
+        let now = now_ms();
+        let marks: BTreeMap<u64, Mark> = loaded.iter().map(|&v| (v, self.traffic_for(name, v).mark())).collect();
+        let mut all = self.gate_marks.lock().expect("gate marks lock");
+        let due = all.get(name).is_none_or(|(started, _)| now.saturating_sub(*started) as f64 >= window_s * 1e3);
+        if !due {
+            return BTreeMap::new();
+        }
+        let mut lost = BTreeMap::new();
+        if let (Some((_, before)), Some(keeper)) = (all.get(name), self.serving_version(name))
+            && let (Some(k_now), Some(k_before)) = (marks.get(&keeper), before.get(&keeper))
+        {
+            let (control, _) = k_now.since(k_before);
+            for (&v, m) in marks.iter().filter(|(v, _)| **v != keeper) {
+                let Some(b) = before.get(&v) else { continue };
+                if let GateResult::Fail(why) = check_gates(gates, &m.since(b).0, &control) {
+                    lost.insert(v, format!("it failed its gates against version {keeper}: {why}"));
+                }
+            }
+        }
+        all.insert(name.to_string(), (now, marks));
+        lost
     }
 
     /// Re-computes the Thompson shares of a model's route from its running experiment.

@@ -17,6 +17,9 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::lifecycle::{Assignments, LiveExperiment, Mark, Routing, ShadowStats, TrafficStats, build_routing, now_ms};
 
+/// Traffic marks per version.
+pub(crate) type VersionMarks = BTreeMap<u64, Mark>;
+
 /// A loaded version: its model behind a scheduler.
 pub struct Servable {
     pub name: String,
@@ -56,6 +59,8 @@ pub struct AppState {
     pub(crate) assignments: Mutex<Assignments>,
     /// Current Thompson shares per model (route order), and when they were computed.
     pub(crate) thompson: Mutex<HashMap<String, (u64, Vec<f64>)>>,
+    /// Traffic marks per loaded version at the start of the current retirement-gate window.
+    pub(crate) gate_marks: Mutex<HashMap<String, (u64, VersionMarks)>>,
     /// Traffic marks (canary, control) at the start of the current rollout step.
     pub(crate) rollout_marks: Mutex<HashMap<String, (Mark, Mark)>>,
     /// Bounds the mirrored requests in flight: shadow work is dropped, never queued.
@@ -82,6 +87,7 @@ impl AppState {
             assignments: Mutex::new(Assignments::new(1_000_000)),
             thompson: Mutex::new(HashMap::new()),
             rollout_marks: Mutex::new(HashMap::new()),
+            gate_marks: Mutex::new(HashMap::new()),
             shadow_slots: Arc::new(tokio::sync::Semaphore::new(64)),
             events_appended: Arc::new(tokio::sync::Notify::new()),
         }

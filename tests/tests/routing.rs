@@ -421,3 +421,48 @@ async fn thompson_routing_moves_traffic_to_the_variant_that_converts() {
     assert!(model["traffic"]["variants"][0]["percent"].as_f64().unwrap() >= 5.0, "the floor holds");
     Arc::try_unwrap(server).ok().expect("sole owner").stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_failing_its_gates_against_the_champion_retires() {
+    let config = r#"
+        [server]
+        lifecycle_interval_ms = 100
+        [models.m]
+        version_policy = { latest = 2 }
+        [models.m.retirement]
+        on_loss = true
+        gate_window_s = 0.5
+        gates = { min_requests = 20 }
+    "#;
+    let server = Arc::new(TestServer::start(config).await);
+    server.push("m", "canary_fast.onnx").await;
+    server.push("m", "canary_broken.onnx").await;
+    let route = json!({ "variants": [{ "target": 1, "weight": 50 }, { "target": 2, "weight": 50 }] });
+    server.ok("PUT", "/v1/models/m/route", Some(route)).await;
+    let body =
+        json!({ "inputs": [{ "name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5, -1.0, 2.0, 0.25] }] });
+    let load = {
+        let (server, body) = (server.clone(), body.clone());
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < until {
+                let (_, model) = server.call("GET", "/v1/models/m", None).await;
+                if model["versions"][1]["state"] == "retired" {
+                    break;
+                }
+                for _ in 0..20 {
+                    server.infer("/v2/models/m/infer", &body).await;
+                }
+            }
+        })
+    };
+    let model =
+        server.wait_for("/v1/models/m", Duration::from_secs(15), |m| m["versions"][1]["state"] == "retired").await;
+    load.await.unwrap();
+    let reason = model["versions"][1]["reason"].as_str().unwrap();
+    println!("retired: {reason}");
+    assert!(reason.contains("failed its gates against version 1") && reason.contains("error rate"), "{reason}");
+    let (status, answer) = server.infer("/v2/models/m/infer", &body).await;
+    assert_eq!((status, answer["model_version"].as_str()), (200, Some("1")), "{answer}");
+    Arc::try_unwrap(server).ok().expect("sole owner").stop().await;
+}

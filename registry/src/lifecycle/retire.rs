@@ -5,17 +5,29 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::rollout::Gates;
 use crate::RegistryError;
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetirementRules {
     /// Retire versions older than this (seconds since push).
     pub max_age_s: Option<f64>,
     /// Retire versions that served no request for this long (seconds).
     pub idle_s: Option<f64>,
-    /// Retire a version the sequential test finds worse than the control of its experiment.
+    /// Retire a version that loses: the sequential test finds it worse than the control of its
+    /// experiment, or it fails `gates` against the serving version.
     pub on_loss: bool,
+    /// Health gates every other loaded version must hold against the serving version (the
+    /// champion), judged over windows of `gate_window_s`. Needs `on_loss`.
+    pub gates: Option<Gates>,
+    pub gate_window_s: f64,
+}
+
+impl Default for RetirementRules {
+    fn default() -> Self {
+        RetirementRules { max_age_s: None, idle_s: None, on_loss: false, gates: None, gate_window_s: 60.0 }
+    }
 }
 
 impl RetirementRules {
@@ -24,6 +36,12 @@ impl RetirementRules {
             if v.is_some_and(|s| !(s > 0.0 && s.is_finite())) {
                 return Err(RegistryError::InvalidPolicy(format!("{what} must be a positive number of seconds")));
             }
+        }
+        if !(self.gate_window_s > 0.0 && self.gate_window_s.is_finite()) {
+            return Err(RegistryError::InvalidPolicy("gate_window_s must be a positive number of seconds".into()));
+        }
+        if self.gates.is_some() && !self.on_loss {
+            return Err(RegistryError::InvalidPolicy("retirement gates need on_loss = true".into()));
         }
         Ok(())
     }
@@ -121,5 +139,8 @@ mod tests {
             assert!(got.iter().all(|(_, why)| why.contains(reason)), "{got:?} lacks {reason:?}");
         }
         assert!(RetirementRules { idle_s: Some(-1.0), ..Default::default() }.validate().is_err());
+        assert!(RetirementRules { gates: Some(Gates::default()), ..Default::default() }.validate().is_err());
+        let gated = RetirementRules { gates: Some(Gates::default()), on_loss: true, ..Default::default() };
+        assert!(gated.validate().is_ok());
     }
 }
