@@ -11,6 +11,7 @@ pub struct TestServer {
     pub url: String,
     pub client: reqwest::Client,
     running: Option<Running>,
+    config: Config,
     _dir: tempfile::TempDir,
 }
 
@@ -32,9 +33,20 @@ impl TestServer {
         let mut config = Config::parse(config_toml).expect("test config");
         config.server.http = "127.0.0.1:0".into();
         config.server.data_dir = dir.path().join("data");
-        let running = algolink_server::start(config).await.expect("server starts");
+        let running = algolink_server::start(config.clone()).await.expect("server starts");
         let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client");
-        TestServer { url: format!("http://{}", running.addr), client, running: Some(running), _dir: dir }
+        TestServer { url: format!("http://{}", running.addr), client, running: Some(running), config, _dir: dir }
+    }
+
+    /// Stops the server gracefully and starts it again on the same registry (a new port).
+    pub async fn restart(mut self) -> TestServer {
+        if let Some(r) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(30), r.stop()).await.expect("graceful stop").expect("stop");
+        }
+        let running = algolink_server::start(self.config.clone()).await.expect("server restarts");
+        self.url = format!("http://{}", running.addr);
+        self.running = Some(running);
+        self
     }
 
     pub async fn default() -> TestServer {

@@ -466,3 +466,42 @@ async fn a_version_failing_its_gates_against_the_champion_retires() {
     assert_eq!((status, answer["model_version"].as_str()), (200, Some("1")), "{answer}");
     Arc::try_unwrap(server).ok().expect("sole owner").stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_aliases_experiments_and_outcomes_survive_a_restart() {
+    let server = Arc::try_unwrap(two_iris_versions("").await).ok().expect("sole owner");
+    server.ok("PUT", "/v1/models/iris/aliases/champion", Some(json!(1))).await;
+    let route = json!({ "variants": [{ "target": "champion", "weight": 70 }, { "target": 2, "weight": 30 }] });
+    server.ok("PUT", "/v1/models/iris/route", Some(route)).await;
+    let (_, e) =
+        server.call("POST", "/v1/models/iris/experiments", Some(json!({ "goal": "reward", "min_effect": 0.5 }))).await;
+    let id = e["id"].as_u64().unwrap();
+    let mut feedback = Vec::new();
+    for i in 0..50 {
+        let r = routed(&server, Some(&format!("k{i}")), None).await;
+        feedback.push(json!({ "model": "iris", "key": format!("k{i}"), "value": i as f64 / 10.0 }));
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(server.ok("POST", "/v1/feedback", Some(Value::Array(feedback))).await["recorded"], 50);
+    let before: Vec<String> = futures_util::future::join_all((0..20).map(|i| {
+        let server = &server;
+        async move { routed(server, Some(&format!("k{i}")), None).await.version }
+    }))
+    .await;
+
+    let server = server.restart().await;
+    let model = server.ok("GET", "/v1/models/iris", None).await;
+    assert_eq!(model["aliases"]["champion"], 1);
+    assert_eq!(model["traffic"]["variants"][0]["percent"], 70.0, "{model}");
+    let after: Vec<String> = futures_util::future::join_all((0..20).map(|i| {
+        let server = &server;
+        async move { routed(server, Some(&format!("k{i}")), None).await.version }
+    }))
+    .await;
+    assert_eq!(before, after, "keys keep their variant across a restart");
+    let report = server.ok("GET", &format!("/v1/experiments/{id}"), None).await;
+    assert_eq!(report["state"], "running");
+    let outcomes: u64 = report["variants"].as_array().unwrap().iter().map(|v| v["outcomes"].as_u64().unwrap()).sum();
+    assert_eq!(outcomes, 50, "every acknowledged outcome is still counted: {report}");
+    server.stop().await;
+}
