@@ -21,6 +21,10 @@ pub enum EngineError {
     /// The queue holds `max_queue_size` requests already.
     #[error("queue is full ({queued} requests waiting); retry later")]
     QueueFull { queued: usize, retry_after: Duration },
+    /// Adaptive batching predicts the request would finish after its deadline (or the model's
+    /// latency objective): refused at once rather than served late.
+    #[error("would miss its deadline: predicted to finish in {predicted:?}, deadline in {deadline:?}; retry later")]
+    WouldMissDeadline { predicted: Duration, deadline: Duration, retry_after: Duration },
     /// The request's deadline passed while it waited in the queue; it never reached the device.
     #[error("deadline exceeded after {waited:?} in the queue")]
     DeadlineExceeded { waited: Duration },

@@ -93,6 +93,13 @@ pub struct Stats {
     pub rejected: AtomicU64,
     /// Dropped because their deadline passed in the queue.
     pub expired: AtomicU64,
+    /// Refused by adaptive batching because they were predicted to miss their deadline.
+    pub shed: AtomicU64,
+    /// The fitted execution time `a + c·rows`: a and c, in ns.
+    pub fit_base_ns: AtomicU64,
+    pub fit_per_row_ns: AtomicU64,
+    /// Each wait the batcher chose (for a fuller batch, or until the device frees up).
+    pub planned_wait_seconds: Histogram,
     /// Dropped because the client went away before the device.
     pub cancelled: AtomicU64,
     /// Requests waiting now.
@@ -118,6 +125,10 @@ impl Default for Stats {
             compute: Duration64::default(),
             rejected: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            fit_base_ns: AtomicU64::new(0),
+            fit_per_row_ns: AtomicU64::new(0),
+            planned_wait_seconds: Histogram::new(&LATENCY_BUCKETS),
             cancelled: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             rows: AtomicU64::new(0),

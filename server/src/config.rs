@@ -95,6 +95,20 @@ pub struct ModelSettings {
     pub warmup_batch_sizes: Vec<usize>,
     /// `"latest"`, `{ latest = N }` or `{ pinned = [1, 2] }`.
     pub version_policy: PolicySetting,
+    /// `"static"` (Triton's dynamic batcher: max_queue_delay_us, preferred_batch_sizes) or
+    /// `"adaptive"` (learns execution time per batch size, waits only while that raises
+    /// throughput within `latency_slo_ms`, refuses requests predicted to miss it).
+    pub mode: BatchMode,
+    /// The latency objective of adaptive mode, per request (queue + execution).
+    pub latency_slo_ms: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchMode {
+    #[default]
+    Static,
+    Adaptive,
 }
 
 impl Default for ModelSettings {
@@ -107,6 +121,8 @@ impl Default for ModelSettings {
             max_queue_size: 1024,
             warmup_batch_sizes: vec![1],
             version_policy: PolicySetting::default(),
+            mode: BatchMode::Static,
+            latency_slo_ms: 100.0,
         }
     }
 }
@@ -152,6 +168,8 @@ pub struct ModelOverrides {
     pub max_queue_size: Option<usize>,
     pub warmup_batch_sizes: Option<Vec<usize>>,
     pub version_policy: Option<PolicySetting>,
+    pub mode: Option<BatchMode>,
+    pub latency_slo_ms: Option<f64>,
     /// Written to the registry at start-up (the config wins over the API's earlier changes).
     pub route: Option<RouteSpec>,
     pub retirement: Option<RetirementRules>,
@@ -227,6 +245,8 @@ impl Config {
             s.max_queue_size = o.max_queue_size.unwrap_or(s.max_queue_size);
             s.warmup_batch_sizes = o.warmup_batch_sizes.unwrap_or(s.warmup_batch_sizes);
             s.version_policy = o.version_policy.unwrap_or(s.version_policy);
+            s.mode = o.mode.unwrap_or(s.mode);
+            s.latency_slo_ms = o.latency_slo_ms.unwrap_or(s.latency_slo_ms);
         }
         s
     }
@@ -237,6 +257,10 @@ impl ModelSettings {
         self.device.parse::<DeviceRequest>()?;
         anyhow::ensure!(self.max_batch_size >= 1, "max_batch_size must be at least 1");
         anyhow::ensure!(self.max_queue_size >= 1, "max_queue_size must be at least 1");
+        anyhow::ensure!(
+            self.latency_slo_ms > 0.0 && self.latency_slo_ms.is_finite(),
+            "latency_slo_ms must be a positive number"
+        );
         if let Some(p) = self.preferred_batch_sizes.iter().find(|&&p| p == 0 || p > self.max_batch_size) {
             anyhow::bail!("preferred batch size {p} is outside 1..=max_batch_size ({})", self.max_batch_size);
         }
@@ -249,6 +273,7 @@ impl ModelSettings {
             max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
             preferred_batch_sizes: self.preferred_batch_sizes.clone(),
             max_queue_size: self.max_queue_size,
+            latency_slo: (self.mode == BatchMode::Adaptive).then(|| Duration::from_secs_f64(self.latency_slo_ms / 1e3)),
         }
     }
 
@@ -290,6 +315,11 @@ mod tests {
         assert!(Config::parse(route).unwrap_err().to_string().contains("sum to 100"));
         assert!(Config::parse("[models.a.rollout]\nstep = 0").is_err());
         assert!(Config::parse("[[webhooks]]\nurl = \"ftp://x\"").is_err());
+        assert!(Config::parse("[defaults]\nmode = \"greedy\"").is_err());
+        assert!(Config::parse("[defaults]\nlatency_slo_ms = 0").is_err());
+        let adaptive = Config::parse("[models.a]\nmode = \"adaptive\"\nlatency_slo_ms = 20").unwrap();
+        assert_eq!(adaptive.settings_for("a").batch_config().latency_slo, Some(Duration::from_millis(20)));
+        assert_eq!(adaptive.settings_for("b").batch_config().latency_slo, None);
         let c = Config::parse(
             "[models.a.route]\nvariants = [{ target = \"champion\", weight = 90 }, { target = 2, weight = 10 }]\n\
              shadow = { target = \"challenger\", percent = 5 }\n[models.a.retirement]\nidle_s = 60\n\

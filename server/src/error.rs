@@ -57,7 +57,7 @@ impl From<EngineError> for ApiError {
             | EngineError::InvalidModel(_)
             | EngineError::Unsupported(_)
             | EngineError::Device(_) => ApiError::BadRequest(e.to_string()),
-            EngineError::QueueFull { retry_after, .. } => {
+            EngineError::QueueFull { retry_after, .. } | EngineError::WouldMissDeadline { retry_after, .. } => {
                 ApiError::Unavailable { message: e.to_string(), retry_after: Some(retry_after) }
             }
             EngineError::DeadlineExceeded { .. } => ApiError::Timeout(e.to_string()),

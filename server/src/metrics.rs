@@ -59,6 +59,40 @@ pub fn render(st: &AppState) -> String {
     );
     series(
         &mut out,
+        "algolink_shed_total",
+        "counter",
+        "Requests refused by adaptive batching because they were predicted to miss their deadline.",
+        &|out, l, s| {
+            let _ = writeln!(out, "algolink_shed_total{{{l}}} {}", s.shed.load(Relaxed));
+        },
+    );
+    series(
+        &mut out,
+        "algolink_batch_model_seconds",
+        "gauge",
+        "The fitted execution time per batch, base + per_row x rows.",
+        &|out, l, s| {
+            let _ = writeln!(
+                out,
+                "algolink_batch_model_seconds{{{l},term=\"base\"}} {}",
+                s.fit_base_ns.load(Relaxed) as f64 / 1e9
+            );
+            let _ = writeln!(
+                out,
+                "algolink_batch_model_seconds{{{l},term=\"per_row\"}} {}",
+                s.fit_per_row_ns.load(Relaxed) as f64 / 1e9
+            );
+        },
+    );
+    series(
+        &mut out,
+        "algolink_batch_wait_seconds",
+        "histogram",
+        "Each wait the batcher chose: for a fuller batch, or until the device frees up.",
+        &|out, l, s| histogram(out, "algolink_batch_wait_seconds", l, &s.planned_wait_seconds),
+    );
+    series(
+        &mut out,
         "algolink_cancelled_total",
         "counter",
         "Requests dropped before the device because the client left.",

@@ -64,17 +64,28 @@ async fn push_under_load_fails_no_request_and_switches_within_two_seconds() {
     Arc::try_unwrap(server).ok().expect("clients done").stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_requests_are_batched() {
-    let server = Arc::new(TestServer::start("[models.encoder]\nmax_batch_size = 64").await);
-    server.push("encoder", "torch_bert.onnx").await;
+fn encoder_request() -> String {
     let seq = 48;
-    let body = json!({ "inputs": [
+    json!({ "inputs": [
         { "name": "input_ids", "shape": [1, seq], "datatype": "INT64", "data": (0..seq).map(|i| 1 + i % 100).collect::<Vec<_>>() },
         { "name": "attention_mask", "shape": [1, seq], "datatype": "INT64", "data": vec![1; seq] },
         { "name": "token_type_ids", "shape": [1, seq], "datatype": "INT64", "data": vec![0; seq] },
     ]})
-    .to_string();
+    .to_string()
+}
+
+/// (rows, batches) executed so far by the encoder.
+async fn executed(server: &TestServer) -> (f64, f64) {
+    let (_, stats) = server.get("/v2/models/encoder/stats").await;
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    let s = &stats["model_stats"][0];
+    (s["inference_count"].as_f64().unwrap(), s["execution_count"].as_f64().unwrap())
+}
+
+/// 32 clients send 15 requests each; returns the mean executed batch size.
+async fn mean_batch_at_concurrency_32(server: &Arc<TestServer>) -> f64 {
+    let body = encoder_request();
+    let before = executed(server).await;
     let mut clients = Vec::new();
     for _ in 0..32 {
         let (server, body) = (server.clone(), body.clone());
@@ -89,16 +100,66 @@ async fn concurrent_requests_are_batched() {
     for c in clients {
         c.await.unwrap();
     }
-    let (_, stats) = server.get("/v2/models/encoder/stats").await;
-    let stats: Value = serde_json::from_str(&stats).unwrap();
-    let s = &stats["model_stats"][0];
-    let rows = s["inference_count"].as_f64().unwrap();
-    let batches = s["execution_count"].as_f64().unwrap();
+    let after = executed(server).await;
+    let (rows, batches) = (after.0 - before.0, after.1 - before.1);
     assert_eq!(rows, 32.0 * 15.0, "every request ran once (warm-up is not counted)");
-    let mean = rows / batches;
-    println!("mean executed batch size {mean:.1} ({rows} rows in {batches} batches)");
-    assert!(mean > 4.0, "mean executed batch size {mean:.1} at concurrency 32 ({rows} rows in {batches} batches)");
+    rows / batches
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_are_batched() {
+    let server = Arc::new(TestServer::start("[models.encoder]\nmax_batch_size = 64").await);
+    server.push("encoder", "torch_bert.onnx").await;
+    let mean = mean_batch_at_concurrency_32(&server).await;
+    println!("static: mean executed batch size {mean:.1} at concurrency 32");
+    assert!(mean > 4.0, "mean executed batch size {mean:.1} at concurrency 32");
     Arc::try_unwrap(server).ok().expect("clients done").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adaptive_batching_runs_a_lone_request_at_once_and_grows_batches_under_load() {
+    let config = "[models.encoder]\nmax_batch_size = 64\nmode = \"adaptive\"\nlatency_slo_ms = 5000";
+    let server = Arc::new(TestServer::start(config).await);
+    server.push("encoder", "torch_bert.onnx").await;
+    // One client at a time: every request runs alone, without waiting for company.
+    let body = encoder_request();
+    let mut alone = Vec::new();
+    for _ in 0..10 {
+        let sent = Instant::now();
+        let r = server.client.post(server.url("/v2/models/encoder/infer")).body(body.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        alone.push(sent.elapsed());
+    }
+    let (rows, batches) = executed(&server).await;
+    assert_eq!(rows, batches, "a lone request is a batch of one");
+    let mean = mean_batch_at_concurrency_32(&server).await;
+    println!("adaptive: mean executed batch size {mean:.1} at concurrency 32; alone {:?}", alone.iter().max());
+    assert!(mean > 4.0, "mean executed batch size {mean:.1} at concurrency 32");
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("algolink_shed_total{model=\"encoder\",version=\"1\"} 0"),
+        "nothing shed under a loose objective"
+    );
+    assert!(metrics.contains("algolink_batch_model_seconds{model=\"encoder\",version=\"1\",term=\"per_row\"}"));
+    Arc::try_unwrap(server).ok().expect("clients done").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adaptive_batching_refuses_what_would_miss_the_objective() {
+    // A 10 µs objective the encoder cannot meet: the first request runs (nothing is measured
+    // yet); once it has measured itself, the next is refused at once with 503 + Retry-After.
+    let config = "[models.encoder]\nmode = \"adaptive\"\nlatency_slo_ms = 0.01";
+    let server = TestServer::start(config).await;
+    server.push("encoder", "torch_bert.onnx").await;
+    let (status, _) =
+        server.infer("/v2/models/encoder/infer", &serde_json::from_str(&encoder_request()).unwrap()).await;
+    assert_eq!(status, 200);
+    let r = server.client.post(server.url("/v2/models/encoder/infer")).body(encoder_request()).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("would miss its deadline"), "{body}");
+    server.stop().await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! to the executor thread through a channel of one slot: while the device runs one batch, the next
 //! is formed (prefetch exactly one). The executor splits the outputs back per request.
 
+pub mod adaptive;
 mod queue;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -100,9 +101,10 @@ impl Scheduler {
         tokio::spawn(batcher(shared.clone(), tx, pad, stats.clone()));
         let exec_model = model.clone();
         let exec_stats = stats.clone();
+        let exec_shared = shared.clone();
         std::thread::Builder::new()
             .name("algolink-executor".into())
-            .spawn(move || executor(exec_model, rx, exec_stats))
+            .spawn(move || executor(exec_model, rx, exec_stats, exec_shared))
             .expect("spawn executor thread");
         Scheduler { shared, model, stats }
     }
@@ -150,6 +152,11 @@ impl Scheduler {
                     PushError::TooManyRows { rows, max } => EngineError::InvalidInput(format!(
                         "request has {rows} rows, more than the model's max_batch_size {max}"
                     )),
+                    PushError::WouldMissDeadline { predicted, deadline } => {
+                        self.stats.shed.fetch_add(1, Ordering::Relaxed);
+                        let retry_after = predicted.saturating_sub(deadline).max(Duration::from_secs(1));
+                        EngineError::WouldMissDeadline { predicted, deadline, retry_after }
+                    }
                 });
             }
             self.stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
@@ -195,6 +202,7 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
             match next.decision {
                 Decision::Run => break next.batch,
                 Decision::WaitUntil(t) => {
+                    stats.planned_wait_seconds.observe(t.saturating_duration_since(Instant::now()).as_secs_f64());
                     tokio::select! {
                         _ = shared.wake.notified() => {}
                         _ = tokio::time::sleep_until(t.into()) => {}
@@ -244,12 +252,29 @@ fn form_batch(entries: Vec<Entry<Pending>>, pad: bool) -> Result<Batch, (EngineE
     Ok(Batch { inputs, rows, replies, singles: inputs_per_req })
 }
 
-fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Stats>) {
+fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Stats>, shared: Arc<Shared>) {
     while let Some(batch) = rx.blocking_recv() {
         let total: usize = batch.rows.iter().sum();
         let start = Instant::now();
+        {
+            let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let took = q.adaptive.latency.predict(total).map(Duration::from_secs_f64);
+            q.adaptive.busy_until = Some(start + took.unwrap_or_default());
+        }
         let result = run_guarded(model.as_ref(), batch.inputs);
-        stats.record_batch(total, start.elapsed());
+        let took = start.elapsed();
+        stats.record_batch(total, took);
+        {
+            let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.adaptive.busy_until = None;
+            q.adaptive.latency.observe(total, took.as_secs_f64());
+            if let Some((a, c)) = q.adaptive.latency.coefficients() {
+                stats.fit_base_ns.store((a * 1e9) as u64, Ordering::Relaxed);
+                stats.fit_per_row_ns.store((c * 1e9) as u64, Ordering::Relaxed);
+            }
+        }
+        // The device is free: the batcher decides again now rather than at its planned time.
+        shared.wake.notify_one();
         match result.and_then(|outputs| split_outputs(outputs, &batch.rows)) {
             Ok(per_request) => {
                 for (reply, outputs) in batch.replies.into_iter().zip(per_request) {

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use super::adaptive::{Adaptive, Plan};
+
 /// Triton-compatible knobs of the dynamic batcher.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchConfig {
@@ -14,6 +16,10 @@ pub struct BatchConfig {
     pub preferred_batch_sizes: Vec<usize>,
     /// Requests that may wait at once; one more is refused.
     pub max_queue_size: usize,
+    /// `Some(objective)`: adaptive batching (the delay and preferred sizes are then ignored): the
+    /// batcher waits for more rows only while it raises throughput and every request can still
+    /// finish within the objective, and refuses a request predicted to miss it. `None`: static.
+    pub latency_slo: Option<Duration>,
 }
 
 impl Default for BatchConfig {
@@ -23,6 +29,7 @@ impl Default for BatchConfig {
             max_queue_delay: Duration::ZERO,
             preferred_batch_sizes: Vec::new(),
             max_queue_size: 1024,
+            latency_slo: None,
         }
     }
 }
@@ -68,7 +75,15 @@ pub struct Next<T> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum PushError {
     QueueFull,
-    TooManyRows { rows: usize, max: usize },
+    TooManyRows {
+        rows: usize,
+        max: usize,
+    },
+    /// Adaptive mode: predicted to finish `predicted` after arrival, past its `deadline`.
+    WouldMissDeadline {
+        predicted: Duration,
+        deadline: Duration,
+    },
 }
 
 /// Waiting requests ordered by (priority, arrival).
@@ -78,12 +93,16 @@ pub struct BatchQueue<T> {
     pad: bool,
     entries: BTreeMap<(u32, u64), Entry<T>>,
     seq: u64,
+    /// Rows waiting.
+    rows: usize,
+    /// What adaptive mode has learnt (kept up to date in static mode too, for the metrics).
+    pub adaptive: Adaptive,
 }
 
 impl<T: Waiting> BatchQueue<T> {
     /// `pad`: whether entries with different trailing shapes may share a batch.
     pub fn new(config: BatchConfig, pad: bool) -> BatchQueue<T> {
-        BatchQueue { config, pad, entries: BTreeMap::new(), seq: 0 }
+        BatchQueue { config, pad, entries: BTreeMap::new(), seq: 0, rows: 0, adaptive: Adaptive::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -106,7 +125,19 @@ impl<T: Waiting> BatchQueue<T> {
         if self.entries.len() >= self.config.max_queue_size {
             return Err((PushError::QueueFull, entry));
         }
+        self.adaptive.arrivals.observe(entry.enqueued, entry.rows);
+        if let Some(slo) = self.config.latency_slo {
+            let deadline = entry.deadline.map_or(slo, |d| d.saturating_duration_since(entry.enqueued).min(slo));
+            let finish =
+                self.adaptive.predicted_finish(entry.enqueued, self.rows, entry.rows, self.config.max_batch_size);
+            if let Some(predicted) = finish.map(|f| f.saturating_duration_since(entry.enqueued))
+                && predicted > deadline
+            {
+                return Err((PushError::WouldMissDeadline { predicted, deadline }, entry));
+            }
+        }
         self.seq += 1;
+        self.rows += entry.rows;
         self.entries.insert((entry.priority, self.seq), entry);
         Ok(())
     }
@@ -125,6 +156,7 @@ impl<T: Waiting> BatchQueue<T> {
             .collect();
         for k in dead {
             let e = self.entries.remove(&k).expect("key just listed");
+            self.rows -= e.rows;
             if e.payload.client_gone() { cancelled.push(e) } else { expired.push(e) }
         }
 
@@ -148,21 +180,29 @@ impl<T: Waiting> BatchQueue<T> {
         let Some(oldest) = oldest else {
             return Next { decision: Decision::Idle, batch: Vec::new(), expired, cancelled };
         };
-        // A delay too large to add to an instant means "wait for a full batch".
-        let far = now + Duration::from_secs(86_400 * 365);
-        let due = oldest.checked_add(self.config.max_queue_delay).unwrap_or(far);
-        let run = rows >= self.config.max_batch_size || self.config.preferred_batch_sizes.contains(&rows) || due <= now;
+        let due = match self.config.latency_slo {
+            Some(slo) => match self.adaptive.plan(now, rows, oldest, self.config.max_batch_size, slo) {
+                Plan::Run => now,
+                Plan::Wait(t) => t,
+            },
+            // A delay too large to add to an instant means "wait for a full batch".
+            None => oldest.checked_add(self.config.max_queue_delay).unwrap_or(now + Duration::from_secs(86_400 * 365)),
+        };
+        let preferred = self.config.latency_slo.is_none() && self.config.preferred_batch_sizes.contains(&rows);
+        let run = rows >= self.config.max_batch_size || preferred || due <= now;
         if !run {
             // Wake up for the batch delay, or earlier when a queued deadline falls before it.
             let wake = self.entries.values().filter_map(|e| e.deadline).fold(due, Instant::min);
             return Next { decision: Decision::WaitUntil(wake), batch: Vec::new(), expired, cancelled };
         }
-        let batch = keys.iter().map(|k| self.entries.remove(k).expect("key just listed")).collect();
+        let batch: Vec<Entry<T>> = keys.iter().map(|k| self.entries.remove(k).expect("key just listed")).collect();
+        self.rows -= rows;
         Next { decision: Decision::Run, batch, expired, cancelled }
     }
 
     /// Removes every entry (at shutdown).
     pub fn drain(&mut self) -> Vec<Entry<T>> {
+        self.rows = 0;
         std::mem::take(&mut self.entries).into_values().collect()
     }
 }
@@ -212,6 +252,7 @@ mod tests {
             max_queue_delay: ms(case.delay_ms),
             preferred_batch_sizes: case.preferred,
             max_queue_size: 100,
+            latency_slo: None,
         };
         let mut q = BatchQueue::new(cfg, case.pad);
         for (name, rows, priority, at, deadline, shape, gone) in case.requests {
@@ -421,6 +462,58 @@ mod tests {
         for case in cases {
             run(case);
         }
+    }
+
+    #[test]
+    fn adaptive_mode_runs_a_lone_request_at_once_and_sheds_what_would_be_late() {
+        let t0 = Instant::now();
+        let cfg = BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: ms(1000), // ignored in adaptive mode
+            latency_slo: Some(ms(50)),
+            ..BatchConfig::default()
+        };
+        let mut q = BatchQueue::new(cfg, false);
+        let entry = |name, at: u64, deadline: Option<u64>| Entry {
+            rows: 4,
+            priority: 1,
+            enqueued: t0 + ms(at),
+            deadline: deadline.map(|d| t0 + ms(d)),
+            shape_key: 0,
+            payload: P { name, gone: false },
+        };
+        // Nothing learnt: nothing is shed, and a lone request runs at once.
+        q.push(entry("lone", 0, None)).unwrap();
+        let next = q.next_batch(t0);
+        assert_eq!((next.decision, next.batch.len()), (Decision::Run, 1));
+        // t(b) = 10 ms + 1 ms/row; the device is busy for 20 ms more.
+        q.adaptive.latency.observe(1, 0.011);
+        q.adaptive.latency.observe(8, 0.018);
+        q.adaptive.busy_until = Some(t0 + ms(20));
+        q.push(entry("a", 0, None)).unwrap(); // 20 + t(4) = 34 ms
+        // Behind a's 4 rows: 20 + t(8) = 38 ms; then 20 + t(8) + t(4) = 52 ms > 50.
+        q.push(entry("b", 0, None)).unwrap();
+        let late = q.push(entry("c", 0, None)).unwrap_err().0;
+        assert!(matches!(late, PushError::WouldMissDeadline { deadline, .. } if deadline == ms(50)), "{late:?}");
+        // A tighter deadline of its own counts too: 38 ms > 30 ms.
+        let mut q2 = BatchQueue::new(BatchConfig { latency_slo: Some(ms(50)), ..BatchConfig::default() }, false);
+        q2.adaptive = q.adaptive.clone();
+        q2.push(entry("x", 0, None)).unwrap();
+        assert!(q2.push(entry("tight", 0, Some(30))).is_err());
+        // A full batch runs even while the device is busy (it waits in the hand-over slot).
+        let next = q.next_batch(t0 + ms(1));
+        assert_eq!((next.decision, next.batch.len()), (Decision::Run, 2), "8 rows: a full batch");
+        // A partial one is held until just before the device frees up.
+        q.push(entry("d", 1, None)).unwrap();
+        let next = q.next_batch(t0 + ms(1));
+        assert!(
+            matches!(next.decision, Decision::WaitUntil(t) if t > t0 + ms(19) && t < t0 + ms(20)),
+            "{:?}",
+            next.decision
+        );
+        q.adaptive.busy_until = None;
+        let next = q.next_batch(t0 + ms(21));
+        assert_eq!((next.decision, next.batch.len()), (Decision::Run, 1), "idle, light load: run");
     }
 
     #[test]

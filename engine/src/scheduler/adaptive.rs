@@ -1,0 +1,272 @@
+//! Adaptive batching: what the batcher learns (execution time as a function of batch size, the
+//! arrival rate) and the choice it makes from it. Pure: no clock, no IO; table-tested.
+//!
+//! The choice, at each decision, for a queue holding `n` rows:
+//! - the device is busy until `F`: keep gathering until just before `F` (the batch is handed over
+//!   as the device frees up, so it holds everything that arrived while the previous one ran);
+//! - the device is idle: run now if `n` rows cover what arrives while they run (`n ≥ λ·t(n)`: the
+//!   queue cannot grow, so waiting only adds latency; a lone request on an idle server never
+//!   waits). Otherwise wait for the batch size `b*` that does (`b* = λ·t(b*)`, with
+//!   `t(b) = a + c·b`), but never so long that the oldest request would miss the latency
+//!   objective, and never past `max_batch_size`.
+//!
+//! BentoML's dispatcher fits the same linear model; unlike it, the wait here is bounded by the
+//! objective for the oldest request, counts rows rather than requests, and refuses early only a
+//! request whose predicted completion is past its deadline (see [`Adaptive::predicted_finish`]).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Executions kept for the fit: recent enough to follow a change (a warmer cache, a busier host).
+const WINDOW: usize = 128;
+/// Time constant of the arrival-rate estimate.
+const RATE_TAU: Duration = Duration::from_millis(200);
+/// How long before the device frees up the next batch is sealed and handed over.
+pub const HANDOFF: Duration = Duration::from_micros(200);
+/// Waits shorter than this are not worth a timer.
+const MIN_WAIT: Duration = Duration::from_micros(50);
+
+/// Execution time `t(b) = a + c·b`, fitted by least squares over the recent executions.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyModel {
+    samples: VecDeque<(f64, f64)>,
+    /// (a, c) in seconds and seconds per row.
+    fit: Option<(f64, f64)>,
+}
+
+impl LatencyModel {
+    pub fn observe(&mut self, rows: usize, seconds: f64) {
+        if self.samples.len() == WINDOW {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((rows as f64, seconds.max(0.0)));
+        self.refit();
+    }
+
+    fn refit(&mut self) {
+        let n = self.samples.len() as f64;
+        if n == 0.0 {
+            self.fit = None;
+            return;
+        }
+        let (sx, sy) = self.samples.iter().fold((0.0, 0.0), |(x, y), (b, t)| (x + b, y + t));
+        let (mx, my) = (sx / n, sy / n);
+        let (sxx, sxy) = self
+            .samples
+            .iter()
+            .fold((0.0, 0.0), |(xx, xy), (b, t)| (xx + (b - mx) * (b - mx), xy + (b - mx) * (t - my)));
+        // One batch size seen so far: no slope to measure; every size costs the same (the
+        // optimistic guess, which only matters under load, where sizes soon vary).
+        let c = if sxx > 0.0 { (sxy / sxx).max(0.0) } else { 0.0 };
+        let a = (my - c * mx).max(0.0);
+        self.fit = Some((a, c));
+    }
+
+    /// Predicted seconds to run `rows`; `None` before the first execution.
+    pub fn predict(&self, rows: usize) -> Option<f64> {
+        self.fit.map(|(a, c)| a + c * rows as f64)
+    }
+
+    pub fn coefficients(&self) -> Option<(f64, f64)> {
+        self.fit
+    }
+}
+
+/// Rows arriving per second, an exponentially decaying count.
+#[derive(Clone, Debug, Default)]
+pub struct ArrivalRate {
+    weight: f64,
+    at: Option<Instant>,
+}
+
+impl ArrivalRate {
+    fn decayed(&self, now: Instant) -> f64 {
+        match self.at {
+            None => 0.0,
+            Some(t) => self.weight * (-(now.saturating_duration_since(t).as_secs_f64()) / RATE_TAU.as_secs_f64()).exp(),
+        }
+    }
+
+    pub fn observe(&mut self, now: Instant, rows: usize) {
+        self.weight = self.decayed(now) + rows as f64;
+        self.at = Some(now);
+    }
+
+    pub fn rows_per_second(&self, now: Instant) -> f64 {
+        self.decayed(now) / RATE_TAU.as_secs_f64()
+    }
+}
+
+/// What adaptive mode knows at a decision.
+#[derive(Clone, Debug, Default)]
+pub struct Adaptive {
+    pub latency: LatencyModel,
+    pub arrivals: ArrivalRate,
+    /// When the batch on the device is predicted to finish (`None`: the device is idle).
+    pub busy_until: Option<Instant>,
+}
+
+/// The adaptive choice for the queue's candidate batch.
+#[derive(Debug, PartialEq)]
+pub enum Plan {
+    Run,
+    Wait(Instant),
+}
+
+impl Adaptive {
+    /// `rows`: the candidate batch; `oldest`: when its oldest request arrived.
+    pub fn plan(&self, now: Instant, rows: usize, oldest: Instant, max_batch: usize, slo: Duration) -> Plan {
+        if rows >= max_batch {
+            return Plan::Run;
+        }
+        if let Some(busy) = self.busy_until {
+            let handoff = busy.checked_sub(HANDOFF).unwrap_or(busy);
+            return if handoff > now + MIN_WAIT { Plan::Wait(handoff) } else { Plan::Run };
+        }
+        let (Some((a, c)), lambda) = (self.latency.coefficients(), self.arrivals.rows_per_second(now)) else {
+            return Plan::Run; // nothing learnt yet
+        };
+        let t = |b: f64| a + c * b;
+        if rows as f64 >= lambda * t(rows as f64) {
+            return Plan::Run;
+        }
+        // The size at which a batch's run time brings no more rows than it serves.
+        let target =
+            if lambda * c >= 1.0 { max_batch as f64 } else { (lambda * a / (1.0 - lambda * c)).min(max_batch as f64) };
+        let wait = (target - rows as f64) / lambda;
+        // The oldest request must still finish within the objective.
+        let age = now.saturating_duration_since(oldest).as_secs_f64();
+        let budget = slo.as_secs_f64() - age - t(target);
+        let wait = wait.min(budget);
+        // (NaN, from a zero arrival rate, also runs.)
+        if wait.is_nan() || wait <= MIN_WAIT.as_secs_f64() {
+            return Plan::Run;
+        }
+        Plan::Wait(now + Duration::from_secs_f64(wait))
+    }
+
+    /// When a request of `rows` would finish if queued now behind `queued_rows`: after the batch
+    /// on the device, in batches of at most `max_batch`. `None` before the first execution.
+    pub fn predicted_finish(&self, now: Instant, queued_rows: usize, rows: usize, max_batch: usize) -> Option<Instant> {
+        let start = self.busy_until.filter(|&b| b > now).unwrap_or(now);
+        let ahead = queued_rows + rows;
+        let full_batches = ahead / max_batch.max(1);
+        let rest = ahead % max_batch.max(1);
+        let mut secs = full_batches as f64 * self.latency.predict(max_batch)?;
+        if rest > 0 {
+            secs += self.latency.predict(rest)?;
+        }
+        Some(start + Duration::from_secs_f64(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(x: f64) -> Duration {
+        Duration::from_secs_f64(x / 1e3)
+    }
+
+    #[test]
+    fn latency_fit_table() {
+        // (executions as (rows, ms), then (rows, predicted ms))
+        type Case = (Vec<(usize, f64)>, Vec<(usize, f64)>);
+        let cases: Vec<Case> = vec![
+            (vec![(1, 2.0), (2, 3.0), (4, 5.0), (8, 9.0)], vec![(1, 2.0), (16, 17.0)]),
+            (vec![(4, 5.0), (4, 7.0)], vec![(4, 6.0), (64, 6.0)]), // one size: flat
+            (vec![(1, 5.0), (8, 1.0)], vec![(1, 3.0), (100, 3.0)]), // never a negative slope: the mean
+        ];
+        for (runs, want) in cases {
+            let mut m = LatencyModel::default();
+            assert_eq!(m.predict(1), None);
+            for (rows, t) in &runs {
+                m.observe(*rows, t / 1e3);
+            }
+            for (rows, t) in want {
+                let got = m.predict(rows).unwrap() * 1e3;
+                assert!((got - t).abs() < 1e-3, "{runs:?}: t({rows}) = {got}, want {t}");
+            }
+        }
+        let mut m = LatencyModel::default();
+        for i in 0..1000 {
+            m.observe(1 + i % 8, if i < 500 { 0.010 } else { 0.002 });
+        }
+        assert!((m.predict(4).unwrap() - 0.002).abs() < 1e-9, "only the recent window counts");
+    }
+
+    #[test]
+    fn arrival_rate_follows_the_load() {
+        let t0 = Instant::now();
+        let mut r = ArrivalRate::default();
+        assert_eq!(r.rows_per_second(t0), 0.0);
+        for i in 0..2000 {
+            r.observe(t0 + ms(i as f64), 1); // 1000 rows/s for 2 s
+        }
+        let at = t0 + ms(2000.0);
+        assert!((r.rows_per_second(at) - 1000.0).abs() < 30.0, "{}", r.rows_per_second(at));
+        assert!(r.rows_per_second(at + ms(1000.0)) < 10.0, "decays when arrivals stop");
+    }
+
+    #[test]
+    fn plans() {
+        let t0 = Instant::now();
+        let fitted = |a_ms: f64, c_ms: f64| {
+            let mut m = LatencyModel::default();
+            m.observe(1, (a_ms + c_ms) / 1e3);
+            m.observe(11, (a_ms + 11.0 * c_ms) / 1e3);
+            m
+        };
+        let with_rate = |per_s: usize| {
+            let mut r = ArrivalRate::default();
+            for i in 0..per_s {
+                r.observe(t0 - Duration::from_secs(1) + Duration::from_secs_f64(i as f64 / per_s as f64), 1);
+            }
+            r
+        };
+        let slo = ms(50.0);
+        let state = |busy: Option<f64>, per_s: usize| Adaptive {
+            latency: fitted(4.0, 0.5),
+            arrivals: with_rate(per_s),
+            busy_until: busy.map(|b| t0 + ms(b)),
+        };
+        // (what, state, rows queued, oldest age ms, plan)
+        let cases: Vec<(&str, Adaptive, usize, f64, Plan)> = vec![
+            ("nothing learnt: run", Adaptive::default(), 1, 0.0, Plan::Run),
+            ("a lone request on an idle server runs at once", state(None, 2), 1, 0.0, Plan::Run),
+            ("a full batch runs", state(Some(10.0), 5000), 32, 0.0, Plan::Run),
+            (
+                "busy device: gather until just before it frees up",
+                state(Some(10.0), 1000),
+                3,
+                0.0,
+                Plan::Wait(t0 + ms(9.8)),
+            ),
+            ("busy but about to free up: hand over now", state(Some(0.1), 1000), 3, 0.0, Plan::Run),
+            // 1000 rows/s, t(b) = 4 + 0.5b ms: b* = 1000*0.004/(1 - 0.5) = 8 rows, so wait 5 ms for 5 more.
+            ("idle under load: wait for the stable size", state(None, 1000), 3, 0.0, Plan::Wait(t0 + ms(5.0))),
+            ("enough rows to keep up: run", state(None, 1000), 8, 0.0, Plan::Run),
+            // Same, but the oldest has waited 40 ms: 50 - 40 - t(8)=8 leaves 2 ms.
+            ("the objective caps the wait", state(None, 1000), 3, 40.0, Plan::Wait(t0 + ms(2.0))),
+            ("no budget left: run", state(None, 1000), 3, 49.0, Plan::Run),
+            // 3000 rows/s: λc = 1.5 ≥ 1, no size keeps up: fill to the max (29 rows / 3000 per s).
+            ("overload: fill the batch", state(None, 3000), 3, 0.0, Plan::Wait(t0 + ms(29.0 / 3.0))),
+        ];
+        for (what, s, rows, age, want) in cases {
+            let got = s.plan(t0, rows, t0 - ms(age), 32, slo);
+            match (&got, &want) {
+                (Plan::Wait(g), Plan::Wait(w)) => {
+                    let off = if g > w { *g - *w } else { *w - *g };
+                    assert!(off < ms(0.3), "{what}: {got:?} vs {want:?} (off {off:?})");
+                }
+                _ => assert_eq!(got, want, "{what}"),
+            }
+        }
+        // Predicted finish: busy 10 ms more, then 40 rows ahead in batches of 32: t(32) + t(8).
+        let s = state(Some(10.0), 1000);
+        let finish = s.predicted_finish(t0, 39, 1, 32).unwrap();
+        let want = t0 + ms(10.0 + 20.0 + 8.0);
+        assert!(finish.max(want) - finish.min(want) < ms(0.01), "{:?}", finish - t0);
+        assert_eq!(Adaptive::default().predicted_finish(t0, 0, 1, 32), None);
+    }
+}
