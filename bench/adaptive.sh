@@ -53,15 +53,30 @@ run() { # label config concurrency
   done
 } | tee "$work/results.jsonl"
 
+# Runs vary by about 10% here: the best static setting and adaptive mode run twice more,
+# alternating, and each is judged by its median.
+best=$("$venv/bin/python" -c 'import json,sys
+runs=[json.loads(l) for l in open(sys.argv[1])]
+print(max((r for r in runs if r["label"].startswith("static-")), key=lambda r: r["rps"])["label"])' "$work/results.jsonl")
+mb=$(cut -d- -f2 <<<"$best"); delay=$(cut -d- -f3 <<<"$best")
+for i in 1 2; do
+  run adaptive-sat "$(printf '[defaults]\nmode = "adaptive"\nlatency_slo_ms = %s\nmax_batch_size = 64' "$slo")" "$sat"
+  run "$best" "$(printf '[defaults]\nmax_batch_size = %s\nmax_queue_delay_us = %s' "$mb" "$delay")" "$sat"
+done | tee -a "$work/results.jsonl"
+
 "$venv/bin/python" - "$work/results.jsonl" "$model" <<'PY'
-import json, sys
-runs = {}
+import json, statistics, sys
+runs, repeats = {}, {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    runs[r["label"]] = r
+    repeats.setdefault(r["label"], []).append(r)
+for label, rs in repeats.items():
+    rs.sort(key=lambda r: r["rps"])
+    runs[label] = rs[len(rs) // 2]  # the median run
 b1, c1, sat = runs["batch1"], runs["adaptive-c1"], runs["adaptive-sat"]
 static = {k: v for k, v in runs.items() if k.startswith("static-")}
 best = max(static, key=lambda k: static[k]["rps"])
+print("medians of", {k: len(v) for k, v in repeats.items() if len(v) > 1}, "runs")
 print(f"{sys.argv[2]} c=1: adaptive p50 {c1['p50_ms']:.3f} ms vs batch-1 p50 {b1['p50_ms']:.3f} ms"
       f" | ratio {c1['p50_ms'] / b1['p50_ms']:.3f} (want <= 1.10)")
 print(f"{sys.argv[2]} saturation: adaptive {sat['rps']:.0f} req/s p99 {sat['p99_ms']:.1f} ms vs best static {best}"

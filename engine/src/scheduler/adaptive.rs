@@ -2,13 +2,17 @@
 //! arrival rate) and the choice it makes from it. Pure: no clock, no IO; table-tested.
 //!
 //! The choice, at each decision, for a queue holding `n` rows:
-//! - the device is busy until `F`: keep gathering until just before `F` (the batch is handed over
-//!   as the device frees up, so it holds everything that arrived while the previous one ran);
-//! - the device is idle: run now if `n` rows cover what arrives while they run (`n ≥ λ·t(n)`: the
-//!   queue cannot grow, so waiting only adds latency; a lone request on an idle server never
+//! - the device is busy: form the next batch now, so that it waits in the hand-over slot and the
+//!   device never idles between batches; it takes at most half of the rows in the system
+//!   (running + queued, [`Adaptive::batch_limit`]), which keeps the two batches in flight
+//!   balanced: with closed-loop clients, one half makes its round trip through HTTP while the
+//!   other runs (measured: a single group of every client leaves the device idle during that
+//!   round trip, and unbalanced groups waste the small one's fixed cost);
+//! - the device is idle: run now if `n` rows cover what arrives while they run (`n ≥ λ·t(n)`:
+//!   the queue cannot grow, so waiting only adds latency; a lone request on an idle server never
 //!   waits). Otherwise wait for the batch size `b*` that does (`b* = λ·t(b*)`, with
-//!   `t(b) = a + c·b`), but never so long that the oldest request would miss the latency
-//!   objective, and never past `max_batch_size`.
+//!   `t(b) = a + c·b` fitted online), but never so long that the oldest request would miss the
+//!   latency objective, and never past the limit.
 //!
 //! BentoML's dispatcher fits the same linear model; unlike it, the wait here is bounded by the
 //! objective for the oldest request, counts rows rather than requests, and refuses early only a
@@ -21,8 +25,6 @@ use std::time::{Duration, Instant};
 const WINDOW: usize = 128;
 /// Time constant of the arrival-rate estimate.
 const RATE_TAU: Duration = Duration::from_millis(200);
-/// How long before the device frees up the next batch is sealed and handed over.
-pub const HANDOFF: Duration = Duration::from_micros(200);
 /// Waits shorter than this are not worth a timer.
 const MIN_WAIT: Duration = Duration::from_micros(50);
 
@@ -104,6 +106,8 @@ pub struct Adaptive {
     pub arrivals: ArrivalRate,
     /// When the batch on the device is predicted to finish (`None`: the device is idle).
     pub busy_until: Option<Instant>,
+    /// Rows of the batch on the device (0 when idle).
+    pub running_rows: usize,
 }
 
 /// The adaptive choice for the queue's candidate batch.
@@ -114,14 +118,21 @@ pub enum Plan {
 }
 
 impl Adaptive {
+    /// The most rows the next batch should take: half of what is in the system (running and
+    /// queued), so that the batch on the device and the next one stay balanced and the device
+    /// never waits on the other half's round trip through HTTP.
+    pub fn batch_limit(&self, queued_rows: usize, max_batch: usize) -> usize {
+        (self.running_rows + queued_rows).div_ceil(2).clamp(1, max_batch)
+    }
+
     /// `rows`: the candidate batch; `oldest`: when its oldest request arrived.
     pub fn plan(&self, now: Instant, rows: usize, oldest: Instant, max_batch: usize, slo: Duration) -> Plan {
         if rows >= max_batch {
             return Plan::Run;
         }
-        if let Some(busy) = self.busy_until {
-            let handoff = busy.checked_sub(HANDOFF).unwrap_or(busy);
-            return if handoff > now + MIN_WAIT { Plan::Wait(handoff) } else { Plan::Run };
+        if self.busy_until.is_some() {
+            // Prefetch: the next batch waits in the hand-over slot, so the device never idles.
+            return Plan::Run;
         }
         let (Some((a, c)), lambda) = (self.latency.coefficients(), self.arrivals.rows_per_second(now)) else {
             return Plan::Run; // nothing learnt yet
@@ -229,20 +240,14 @@ mod tests {
             latency: fitted(4.0, 0.5),
             arrivals: with_rate(per_s),
             busy_until: busy.map(|b| t0 + ms(b)),
+            running_rows: 0,
         };
         // (what, state, rows queued, oldest age ms, plan)
         let cases: Vec<(&str, Adaptive, usize, f64, Plan)> = vec![
             ("nothing learnt: run", Adaptive::default(), 1, 0.0, Plan::Run),
             ("a lone request on an idle server runs at once", state(None, 2), 1, 0.0, Plan::Run),
             ("a full batch runs", state(Some(10.0), 5000), 32, 0.0, Plan::Run),
-            (
-                "busy device: gather until just before it frees up",
-                state(Some(10.0), 1000),
-                3,
-                0.0,
-                Plan::Wait(t0 + ms(9.8)),
-            ),
-            ("busy but about to free up: hand over now", state(Some(0.1), 1000), 3, 0.0, Plan::Run),
+            ("busy device: the next batch is formed now", state(Some(10.0), 1000), 3, 0.0, Plan::Run),
             // 1000 rows/s, t(b) = 4 + 0.5b ms: b* = 1000*0.004/(1 - 0.5) = 8 rows, so wait 5 ms for 5 more.
             ("idle under load: wait for the stable size", state(None, 1000), 3, 0.0, Plan::Wait(t0 + ms(5.0))),
             ("enough rows to keep up: run", state(None, 1000), 8, 0.0, Plan::Run),
@@ -261,6 +266,19 @@ mod tests {
                 }
                 _ => assert_eq!(got, want, "{what}"),
             }
+        }
+        // Half of the rows in the system, at least one, at most the maximum.
+        for (running, queued, max, want) in [
+            (0, 1, 64, 1),
+            (0, 64, 64, 32),
+            (32, 32, 64, 32),
+            (21, 43, 64, 32),
+            (8, 3, 64, 6),
+            (0, 200, 64, 64),
+            (0, 0, 8, 1),
+        ] {
+            let s = Adaptive { running_rows: running, ..Adaptive::default() };
+            assert_eq!(s.batch_limit(queued, max), want, "{running} running, {queued} queued");
         }
         // Predicted finish: busy 10 ms more, then 40 rows ahead in batches of 32: t(32) + t(8).
         let s = state(Some(10.0), 1000);

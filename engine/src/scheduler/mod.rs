@@ -260,6 +260,7 @@ fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sta
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             let took = q.adaptive.latency.predict(total).map(Duration::from_secs_f64);
             q.adaptive.busy_until = Some(start + took.unwrap_or_default());
+            q.adaptive.running_rows = total;
         }
         let result = run_guarded(model.as_ref(), batch.inputs);
         let took = start.elapsed();
@@ -267,6 +268,7 @@ fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sta
         {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.adaptive.busy_until = None;
+            q.adaptive.running_rows = 0;
             q.adaptive.latency.observe(total, took.as_secs_f64());
             if let Some((a, c)) = q.adaptive.latency.coefficients() {
                 stats.fit_base_ns.store((a * 1e9) as u64, Ordering::Relaxed);
