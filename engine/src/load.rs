@@ -87,6 +87,7 @@ pub fn zero_inputs(signature: &Signature, batch: usize) -> Result<Vec<Tensor>, E
 
 /// Runs one batch of zeros of each size through the model.
 pub fn warm_up(model: &dyn Model, batch_sizes: &[usize]) -> Result<(), EngineError> {
+    model.prepare(batch_sizes);
     for &n in batch_sizes {
         let inputs = zero_inputs(model.signature(), n)?;
         let outputs =

@@ -82,5 +82,8 @@ impl Signature {
 /// each with the batch's rows along dim 0.
 pub trait Model: Send + Sync {
     fn signature(&self) -> &Signature;
+    /// Readies whatever the model builds per batch size (tract's concrete plans) for these sizes,
+    /// before they are served; sizes met later are readied in the background.
+    fn prepare(&self, _batch_sizes: &[usize]) {}
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError>;
 }

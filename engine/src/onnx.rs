@@ -23,23 +23,66 @@ pub struct OnnxModel {
     /// The plan's run state, reused from batch to batch (one executor runs a model at a time, so
     /// the lock is uncontended; it saves re-allocating the state on every batch).
     state: std::sync::Mutex<TypedSimpleState>,
-    per_batch: Option<PerBatchPlans>,
+    per_batch: Option<std::sync::Arc<PerBatchPlans>>,
     input_dts: Vec<DatumType>,
 }
 
-/// Concrete-shape plans per batch size, made on first use. Each plan holds its own packed
-/// weights, so their number is bounded by [`PLAN_MEMORY_BUDGET`] over the model's size.
+/// Concrete-shape plans per batch size: built at warm-up for the warm-up sizes, and in the
+/// background (one at a time) for a size first met while serving, which the symbolic plan serves
+/// meanwhile (building one takes tens of milliseconds: the batch that meets a new size must not
+/// pay for it). Each plan holds its own packed weights, so their number is bounded by
+/// [`PLAN_MEMORY_BUDGET`] over the model's size.
 struct PerBatchPlans {
     /// The parsed model with symbolic batch inputs, re-typed for each batch size.
     template: InferenceModel,
-    /// `None` remembers a size whose concrete plan failed to build: the symbolic plan serves it.
-    plans: std::sync::Mutex<std::collections::HashMap<usize, Option<TypedSimpleState>>>,
+    plans: std::sync::Mutex<std::collections::HashMap<usize, Slot>>,
     max_plans: usize,
+}
+
+enum Slot {
+    Building,
+    Ready(TypedSimpleState),
+    /// The concrete plan failed to build: the symbolic plan serves this size.
+    Failed,
 }
 
 const PLAN_MEMORY_BUDGET: usize = 256 << 20;
 
 impl PerBatchPlans {
+    fn build(&self, batch: usize) -> Slot {
+        self.plan_for(batch).map_or(Slot::Failed, Slot::Ready)
+    }
+
+    /// Builds the plan for `batch` now, unless there is one or the budget is spent.
+    fn prepare(&self, batch: usize) {
+        let known = self.plans.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&batch);
+        if !known && self.plans.lock().unwrap_or_else(|p| p.into_inner()).len() < self.max_plans {
+            let slot = self.build(batch);
+            self.plans.lock().unwrap_or_else(|p| p.into_inner()).insert(batch, slot);
+        }
+    }
+
+    /// Starts building the plan for `batch` on a thread of its own, unless there is one, one is
+    /// being built, or the budget is spent.
+    fn request(self: &std::sync::Arc<Self>, batch: usize) {
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if plans.contains_key(&batch)
+            || plans.len() >= self.max_plans
+            || plans.values().any(|s| matches!(s, Slot::Building))
+        {
+            return;
+        }
+        plans.insert(batch, Slot::Building);
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("algolink-plan".into()).spawn(move || {
+            let slot = me.build(batch);
+            me.plans.lock().unwrap_or_else(|p| p.into_inner()).insert(batch, slot);
+        });
+        if spawned.is_err() {
+            plans.insert(batch, Slot::Failed);
+        }
+    }
+
     fn plan_for(&self, batch: usize) -> TractResult<TypedSimpleState> {
         let mut model = self.template.clone();
         for i in 0..model.inputs.len() {
@@ -149,11 +192,9 @@ impl OnnxModel {
         let plan: Plan = typed.into_runnable().map_err(|e| classify(&e))?;
         let state = std::sync::Mutex::new(plan.spawn().map_err(|e| classify(&e))?);
         let max_plans = (PLAN_MEMORY_BUDGET / bytes.len().max(1)).min(64);
-        let per_batch = template.filter(|_| max_plans > 0).map(|template| PerBatchPlans {
-            template,
-            plans: Default::default(),
-            max_plans,
-        });
+        let per_batch = template
+            .filter(|_| max_plans > 0)
+            .map(|template| std::sync::Arc::new(PerBatchPlans { template, plans: Default::default(), max_plans }));
         Ok(OnnxModel {
             per_batch,
             signature: Signature {
@@ -173,6 +214,14 @@ impl Model for OnnxModel {
         &self.signature
     }
 
+    fn prepare(&self, batch_sizes: &[usize]) {
+        if let Some(per_batch) = &self.per_batch {
+            for &b in batch_sizes {
+                per_batch.prepare(b);
+            }
+        }
+    }
+
     fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
         let mut values: TVec<TValue> = tvec![];
         for (t, &dt) in inputs.iter().zip(&self.input_dts) {
@@ -184,14 +233,16 @@ impl Model for OnnxModel {
         if let Some(per_batch) = &self.per_batch {
             let batch = inputs.first().map_or(1, HostTensor::rows);
             let mut plans = per_batch.plans.lock().unwrap_or_else(|p| p.into_inner());
-            if !plans.contains_key(&batch) && plans.len() < per_batch.max_plans {
-                // A model that types with the symbolic batch also types with a concrete one;
-                // if not, the symbolic plan below serves that size from now on.
-                plans.insert(batch, per_batch.plan_for(batch).ok());
-            }
-            if let Some(Some(state)) = plans.get_mut(&batch) {
-                let outputs = state.run(values).map_err(exec)?;
-                return outputs.iter().map(from_tract).collect();
+            match plans.get_mut(&batch) {
+                Some(Slot::Ready(state)) => {
+                    let outputs = state.run(values).map_err(exec)?;
+                    return outputs.iter().map(from_tract).collect();
+                }
+                Some(Slot::Building | Slot::Failed) => {}
+                None => {
+                    drop(plans);
+                    per_batch.request(batch);
+                }
             }
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
