@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use crate::lifecycle::stats::Moments;
 use crate::lifecycle::{Experiment, ExperimentState, ModelPolicy, validate_alias};
-use crate::store::now_ms;
+use crate::store::{found, now_ms, write_state};
 use crate::{Registry, RegistryError, VersionState};
 
 /// One entry of the event log.
@@ -110,10 +110,7 @@ impl Registry {
             .bind(version as i64)
             .execute(&self.pool)
             .await?;
-        if done.rows_affected() == 0 {
-            return Err(RegistryError::VersionNotFound { model: model.into(), version });
-        }
-        Ok(())
+        found(done.rows_affected(), model, version)
     }
 
     /// The model's policy document (the default one when none was set).
@@ -350,16 +347,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         debug_assert!(matches!(state, VersionState::Rejected | VersionState::Retired));
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("UPDATE versions SET state = ?, reason = ? WHERE model = ? AND version = ?")
-            .bind(state.as_str())
-            .bind(reason)
-            .bind(model)
-            .bind(version as i64)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(RegistryError::VersionNotFound { model: model.into(), version });
-        }
+        write_state(&mut *tx, model, version, state, Some(reason)).await?;
         sqlx::query("DELETE FROM aliases WHERE model = ? AND version = ?")
             .bind(model)
             .bind(version as i64)
@@ -415,6 +403,8 @@ mod tests {
         assert_eq!(m.versions[2].expires_at_ms, Some(1234));
         assert!(m.versions[0].tags.is_empty());
         assert_eq!(reg.policy("m").await.unwrap().route.unwrap().variants.len(), 1);
+        let all = reg.models().await.unwrap();
+        assert_eq!((all.len(), all[0].aliases.get("champion"), all[0].versions.len()), (1, Some(&3), 3));
         reg.take_out_of_service("m", 3, VersionState::Retired, "ttl").await.unwrap();
         assert!(reg.aliases("m").await.unwrap().is_empty(), "retiring drops the aliases pointing at it");
         assert!(matches!(reg.set_alias("m", "champion", 3).await, Err(RegistryError::Conflict(_))));

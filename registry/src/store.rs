@@ -169,6 +169,32 @@ pub struct Registry {
     blobs: BlobStore,
 }
 
+/// Sets a version's state and reason, on the pool or inside a transaction.
+pub(crate) async fn write_state<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    name: &str,
+    version: u64,
+    state: VersionState,
+    reason: Option<&str>,
+) -> Result<(), RegistryError> {
+    let done = sqlx::query("UPDATE versions SET state = ?, reason = ? WHERE model = ? AND version = ?")
+        .bind(state.as_str())
+        .bind(reason)
+        .bind(name)
+        .bind(version as i64)
+        .execute(db)
+        .await?;
+    found(done.rows_affected(), name, version)
+}
+
+/// `Ok` when a statement on (model, version) touched a row.
+pub(crate) fn found(rows_affected: u64, name: &str, version: u64) -> Result<(), RegistryError> {
+    if rows_affected == 0 {
+        return Err(RegistryError::VersionNotFound { model: name.into(), version });
+    }
+    Ok(())
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
@@ -266,31 +292,34 @@ impl Registry {
         state: VersionState,
         reason: Option<&str>,
     ) -> Result<(), RegistryError> {
-        let done = sqlx::query("UPDATE versions SET state = ?, reason = ? WHERE model = ? AND version = ?")
-            .bind(state.as_str())
-            .bind(reason)
-            .bind(name)
-            .bind(version as i64)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(RegistryError::VersionNotFound { model: name.into(), version });
-        }
-        Ok(())
+        write_state(&self.pool, name, version, state, reason).await
     }
 
+    /// Every model with its versions and aliases, in three queries whatever their number (the
+    /// lifecycle controller reads this every tick).
     pub async fn models(&self) -> Result<Vec<ModelRecord>, RegistryError> {
         let rows = sqlx::query("SELECT name, created_at_ms FROM models ORDER BY name").fetch_all(&self.pool).await?;
-        let mut versions = self.versions_of(None).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let name: String = r.get(0);
-            let (mine, rest): (Vec<_>, Vec<_>) = versions.drain(..).partition(|v| v.name == name);
-            versions = rest;
-            let aliases = self.aliases(&name).await?;
-            out.push(ModelRecord { name, created_at_ms: r.get::<i64, _>(1) as u64, versions: mine, aliases });
+        let mut versions: std::collections::HashMap<String, Vec<VersionRecord>> = std::collections::HashMap::new();
+        for v in self.versions_of(None).await? {
+            versions.entry(v.name.clone()).or_default().push(v);
         }
-        Ok(out)
+        let mut aliases: std::collections::HashMap<String, std::collections::BTreeMap<String, u64>> =
+            std::collections::HashMap::new();
+        for r in sqlx::query("SELECT model, alias, version FROM aliases").fetch_all(&self.pool).await? {
+            aliases.entry(r.get(0)).or_default().insert(r.get(1), r.get::<i64, _>(2) as u64);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                ModelRecord {
+                    created_at_ms: r.get::<i64, _>(1) as u64,
+                    versions: versions.remove(&name).unwrap_or_default(),
+                    aliases: aliases.remove(&name).unwrap_or_default(),
+                    name,
+                }
+            })
+            .collect())
     }
 
     pub async fn model(&self, name: &str) -> Result<ModelRecord, RegistryError> {

@@ -218,10 +218,7 @@ pub fn build_routing(
     thompson_shares: Option<&[f64]>,
     loaded: impl Fn(u64) -> Option<Arc<Servable>>,
 ) -> Option<Routing> {
-    let resolve = |t: &Target| match t {
-        Target::Version(v) => Some(*v),
-        Target::Alias(a) => aliases.get(a).copied(),
-    };
+    let resolve = |t: &Target| t.resolve(aliases);
     let variant =
         |label: String, version: u64| loaded(version).map(|servable| RoutedVariant { label, version, servable });
     if let Some(r) = &policy.active_rollout

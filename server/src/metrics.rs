@@ -21,6 +21,11 @@ fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
+/// The `# HELP` and `# TYPE` lines that open a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 pub fn render(st: &AppState) -> String {
     let all = st.all_stats();
     let mut out = String::with_capacity(4096 + all.len() * 8192);
@@ -29,7 +34,7 @@ pub fn render(st: &AppState) -> String {
                   kind: &str,
                   help: &str,
                   f: &dyn Fn(&mut String, &str, &algolink_engine::Stats)| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        family(out, name, kind, help);
         for ((model, version), s) in &all {
             let labels = format!("model=\"{}\",version=\"{version}\"", escape(model));
             f(out, &labels, s);
@@ -136,10 +141,11 @@ pub fn render(st: &AppState) -> String {
 
 /// Traffic shares of routed models, shadow mirrors, and experiment outcomes.
 fn lifecycle(out: &mut String, st: &AppState) {
-    let _ = writeln!(
+    family(
         out,
-        "# HELP algolink_route_share_percent Share of a model's unversioned requests routed to a variant.\n\
-         # TYPE algolink_route_share_percent gauge"
+        "algolink_route_share_percent",
+        "gauge",
+        "Share of a model's unversioned requests routed to a variant.",
     );
     for (model, r) in st.all_routings() {
         for (v, p) in r.variants.iter().zip(r.split.percents()) {
@@ -153,11 +159,7 @@ fn lifecycle(out: &mut String, st: &AppState) {
         }
     }
     let shadows = st.all_shadow_stats();
-    let _ = writeln!(
-        out,
-        "# HELP algolink_shadow_requests_total Requests mirrored to a shadow version, by outcome.\n\
-         # TYPE algolink_shadow_requests_total counter"
-    );
+    family(out, "algolink_shadow_requests_total", "counter", "Requests mirrored to a shadow version, by outcome.");
     for ((model, version), s) in &shadows {
         let (ok, failed, dropped, _) = s.counts();
         for (outcome, n) in [("success", ok), ("failure", failed), ("dropped", dropped)] {
@@ -168,10 +170,11 @@ fn lifecycle(out: &mut String, st: &AppState) {
             );
         }
     }
-    let _ = writeln!(
+    family(
         out,
-        "# HELP algolink_shadow_max_abs_difference Largest element-wise difference between a shadow's and the primary's outputs.\n\
-         # TYPE algolink_shadow_max_abs_difference gauge"
+        "algolink_shadow_max_abs_difference",
+        "gauge",
+        "Largest element-wise difference between a shadow's and the primary's outputs.",
     );
     for ((model, version), s) in &shadows {
         let _ = writeln!(
@@ -186,7 +189,7 @@ fn lifecycle(out: &mut String, st: &AppState) {
         ("algolink_experiment_outcomes_total", "counter", "Outcomes recorded per variant of a running experiment.", 0),
         ("algolink_experiment_outcome_sum", "gauge", "Sum of the outcomes per variant of a running experiment.", 1),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        family(out, name, kind, help);
         for (model, id, version, m) in &totals {
             let v = if value == 0 { m.n as f64 } else { m.sum };
             let _ =

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use algolink_engine::{LoadOptions, Model, Scheduler, Stats, load_model};
 use algolink_registry::lifecycle::ModelPolicy;
 use algolink_registry::lifecycle::rollout::Rollout;
-use algolink_registry::lifecycle::route::Target;
 use algolink_registry::policy::aspired;
 use algolink_registry::{ArtifactLimits, Format, Manager, Registry, RegistryError, VersionRecord, VersionState};
 use serde_json::{Value, json};
@@ -149,16 +148,6 @@ impl AppState {
         let live = self.traffic.lock().expect("traffic lock").get(&key).and_then(|t| t.last_request_ms());
         let mirrored = self.shadows.lock().expect("shadow lock").get(&key).and_then(|s| s.traffic.last_request_ms());
         live.max(mirrored)
-    }
-
-    pub fn shadow_stats(&self, name: &str) -> Vec<(u64, Arc<ShadowStats>)> {
-        self.shadows
-            .lock()
-            .expect("shadow lock")
-            .iter()
-            .filter(|((n, _), _)| n == name)
-            .map(|((_, v), s)| (*v, s.clone()))
-            .collect()
     }
 
     /// The version answering most unversioned requests: a rollout's control, a route's first
@@ -467,13 +456,9 @@ impl AppState {
 /// Versions a policy or an alias names, so they stay loaded: route variants and shadow, the
 /// rollout's canary and control, alias targets.
 fn referenced_versions(policy: &ModelPolicy, aliases: &BTreeMap<String, u64>) -> Vec<u64> {
-    let resolve = |t: &Target| match t {
-        Target::Version(v) => Some(*v),
-        Target::Alias(a) => aliases.get(a).copied(),
-    };
     let mut out: Vec<u64> = Vec::new();
     if let Some(r) = &policy.route {
-        out.extend(r.targets().filter_map(resolve));
+        out.extend(r.targets().filter_map(|t| t.resolve(aliases)));
     }
     if let Some(r) = &policy.active_rollout {
         out.extend([r.control, r.canary]);

@@ -133,3 +133,16 @@ pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str)
 pub fn floats(v: &Value) -> Vec<f64> {
     v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number")).collect()
 }
+
+/// Asserts every status is 200, naming how many failed and the first few statuses otherwise.
+pub fn assert_none_failed(statuses: impl IntoIterator<Item = u16>) {
+    let all: Vec<u16> = statuses.into_iter().collect();
+    let failed: Vec<u16> = all.iter().copied().filter(|&s| s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        all.len(),
+        &failed[..failed.len().min(10)]
+    );
+}

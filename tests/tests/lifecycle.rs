@@ -46,14 +46,7 @@ async fn push_under_load_fails_no_request_and_switches_within_two_seconds() {
     for c in clients {
         all.extend(c.await.unwrap());
     }
-    let failed: Vec<u16> = all.iter().filter(|s| s.status != 200).map(|s| s.status).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        all.len(),
-        &failed[..failed.len().min(10)]
-    );
+    algolink_tests::assert_none_failed(all.iter().map(|s| s.status));
     let before = all.iter().filter(|s| s.version == "1").count();
     let late_old: Vec<&Seen> =
         all.iter().filter(|s| s.sent > pushed_at + Duration::from_secs(2) && s.version != "2").collect();
