@@ -313,10 +313,13 @@ async fn a_version_past_its_ttl_retires_but_the_last_serving_one_stays() {
     assert_eq!(v2["tags"], json!(["candidate", "forest"]));
     assert!(v2["expires_at_ms"].as_u64().is_some());
     assert_eq!(routed(&server, None, None).await.version, "2", "the newest serves until it expires");
-    let model =
-        server.wait_for("/v1/models/iris", Duration::from_secs(10), |m| m["versions"][1]["state"] == "retired").await;
+    // The registry records the retirement first, then traffic moves: wait for both.
+    let model = server
+        .wait_for("/v1/models/iris", Duration::from_secs(10), |m| {
+            m["versions"][1]["state"] == "retired" && m["serving_version"] == 1
+        })
+        .await;
     assert!(model["versions"][1]["reason"].as_str().unwrap().contains("time-to-live"), "{model}");
-    assert_eq!(model["serving_version"], 1);
     assert_eq!(routed(&server, None, None).await.version, "1");
     let events = server.ok("GET", "/v1/events?kind=retired", None).await;
     assert_eq!(events.as_array().unwrap().len(), 1, "only iris v2 retired: {events}");
@@ -449,8 +452,12 @@ async fn a_version_failing_its_gates_against_the_champion_retires() {
             }
         })
     };
-    let model =
-        server.wait_for("/v1/models/m", Duration::from_secs(15), |m| m["versions"][1]["state"] == "retired").await;
+    // Retired in the registry, and no longer in the route.
+    let model = server
+        .wait_for("/v1/models/m", Duration::from_secs(15), |m| {
+            m["versions"][1]["state"] == "retired" && m["traffic"]["variants"].as_array().is_some_and(|v| v.len() == 1)
+        })
+        .await;
     load.await.unwrap();
     let reason = model["versions"][1]["reason"].as_str().unwrap();
     println!("retired: {reason}");
