@@ -13,12 +13,17 @@ const CONFIG: &str = r#"
 [server]
 lifecycle_interval_ms = 100
 
+# The batch sizes 8 clients produce are ready before a version takes traffic, so that no plan
+# is built in a gate's window: with ~20 requests per window, p99 is the window's slowest request.
+[models.m]
+warmup_batch_sizes = [1, 2, 3, 4, 5, 6, 7, 8]
+
 [models.m.rollout]
 step = 25
 interval_s = 0.5
 max_weight = 50
 deadline_s = 30
-gates = { min_requests = 20, max_p99_ratio = 1.5, p99_slack_ms = 10.0 }
+gates = { min_requests = 20, max_p99_ratio = 1.5, p99_slack_ms = 5.0 }
 "#;
 
 fn request() -> String {
@@ -26,14 +31,22 @@ fn request() -> String {
         .to_string()
 }
 
-/// The `nth` (from 0) event of a kind, once it is there.
+/// The `nth` (from 0) event of a kind, once it is there; the whole log if it never comes.
 async fn event(server: &TestServer, kind: &str, nth: usize) -> Value {
-    server
-        .wait_for(&format!("/v1/events?model=m&kind={kind}"), Duration::from_secs(30), |e| {
-            e.as_array().is_some_and(|a| a.len() > nth)
-        })
-        .await[nth]
-        .clone()
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = server.ok("GET", &format!("/v1/events?model=m&kind={kind}"), None).await;
+        if let Some(e) = events.as_array().and_then(|a| a.get(nth)) {
+            return e.clone();
+        }
+        if Instant::now() > until {
+            let log = server.ok("GET", "/v1/events?model=m", None).await;
+            let lines: Vec<&str> =
+                log.as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap_or("")).collect();
+            panic!("no {kind} event #{nth} in 30 s; the log:\n{}", lines.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
