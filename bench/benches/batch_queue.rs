@@ -30,6 +30,7 @@ fn drain(queued: usize, max_batch: usize) -> usize {
             enqueued: now,
             deadline: None,
             shape_key: 0,
+            seq_len: 1,
             payload: Payload,
         };
         if q.push(entry).is_err() {

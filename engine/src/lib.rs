@@ -14,10 +14,11 @@ pub mod safetensors;
 pub mod scheduler;
 pub mod stats;
 pub mod tensor;
+pub mod text;
 
 pub use device::{Device, DeviceRequest};
 pub use error::EngineError;
-pub use load::{LoadOptions, ModelFiles, SYNTHETIC_SEQ_LEN, load_model, warm_up, zero_inputs};
+pub use load::{LoadOptions, ModelFiles, SYNTHETIC_SEQ_LEN, SYNTHETIC_TEXT, load_model, warm_up, zero_inputs};
 pub use model::{Model, Signature, TensorSpec};
 pub use scheduler::{BatchConfig, InferRequest, Scheduler};
 pub use stats::Stats;

@@ -4,13 +4,24 @@ use std::sync::Arc;
 use crate::model::{Model, Signature};
 use crate::{Device, EngineError, Tensor};
 
-/// The files of one model version by name: `model.onnx`, or `*.safetensors` with an optional
-/// `config.json` (and, later, `tokenizer.json`).
+/// The files of one model version by relative path: `model.onnx`, or `*.safetensors` with an
+/// optional `config.json`; with `tokenizer.json` the model takes text (see [`crate::text`]); a
+/// sentence-transformers directory also brings `modules.json`, `1_Pooling/config.json` and
+/// `sentence_bert_config.json`.
 pub type ModelFiles = BTreeMap<String, bytes::Bytes>;
 
-/// The files whose name ends with `suffix`.
+/// The top-level files whose name ends with `suffix` (files in subdirectories, such as an
+/// `onnx/` export beside the safetensors weights, are not model candidates).
 fn find<'a>(files: &'a ModelFiles, suffix: &str) -> Vec<(&'a String, &'a bytes::Bytes)> {
-    files.iter().filter(|(n, _)| n.ends_with(suffix)).collect()
+    files.iter().filter(|(n, _)| n.ends_with(suffix) && !n.contains('/')).collect()
+}
+
+/// A JSON file of the version, if present.
+fn json_file(files: &ModelFiles, name: &str) -> Result<Option<serde_json::Value>, EngineError> {
+    files
+        .get(name)
+        .map(|b| serde_json::from_slice(b).map_err(|e| EngineError::InvalidModel(format!("{name}: {e}"))))
+        .transpose()
 }
 
 #[derive(Clone, Debug)]
@@ -40,7 +51,8 @@ pub fn load_model(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
             Arc::new(crate::onnx::OnnxModel::load(bytes)?)
         }
         ([], [(_, bytes)]) => {
-            let config = crate::safetensors::config_for(bytes, files.get("config.json").map(|b| &b[..]))?;
+            let mut config = crate::safetensors::config_for(bytes, files.get("config.json").map(|b| &b[..]))?;
+            crate::safetensors::apply_sentence_transformers(&mut config, files)?;
             Arc::from(crate::safetensors::load(bytes, &config, options.device)?)
         }
         ([], []) => {
@@ -52,12 +64,33 @@ pub fn load_model(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
             ));
         }
     };
+    let model = match files.get("tokenizer.json") {
+        Some(tokenizer) => {
+            let number = |file: Option<serde_json::Value>, key: &str| {
+                file.and_then(|c| c.get(key).and_then(|v| v.as_u64())).map(|n| n as usize)
+            };
+            // Where sentence-transformers keeps its max_seq_length: sentence_bert_config.json up to
+            // version 5, tokenizer_config.json's model_max_length from 6 (unset, Hugging Face
+            // writes a huge sentinel there).
+            let max_length = number(json_file(files, "sentence_bert_config.json")?, "max_seq_length").or_else(|| {
+                let from_tokenizer = number(json_file(files, "tokenizer_config.json").ok()?, "model_max_length");
+                from_tokenizer.filter(|&n| n <= 1 << 20)
+            });
+            let max_positions = number(json_file(files, "config.json")?, "max_position_embeddings");
+            Arc::new(crate::text::TextModel::new(tokenizer, model, max_length, max_positions)?)
+        }
+        None => model,
+    };
     warm_up(model.as_ref(), &options.warmup_batch_sizes)?;
     Ok(model)
 }
 
 /// Length given to variable non-batch dimensions (sequence lengths) of synthetic inputs.
 pub const SYNTHETIC_SEQ_LEN: usize = 8;
+
+/// The string given to BYTES inputs of synthetic inputs: a short sentence (nine tokens with a
+/// BERT vocabulary, special tokens included).
+pub const SYNTHETIC_TEXT: &str = "the quick brown fox jumps high.";
 
 /// Zero-filled inputs of `batch` rows for a signature; variable trailing dims get
 /// [`SYNTHETIC_SEQ_LEN`]. Used for warm-up and for offline benchmarks.
@@ -79,7 +112,8 @@ pub fn zero_inputs(signature: &Signature, batch: usize) -> Result<Vec<Tensor>, E
             let count = shape.iter().product::<usize>();
             match spec.datatype.size() {
                 Some(size) => Tensor::from_raw(spec.datatype, shape, vec![0; count * size]),
-                None => Tensor::from_bytes(shape, vec![Vec::new(); count]),
+                // Strings of SYNTHETIC_SEQ_LEN words, so that a text model sees a sequence.
+                None => Tensor::from_bytes(shape, vec![SYNTHETIC_TEXT.as_bytes().to_vec(); count]),
             }
         })
         .collect()
@@ -89,7 +123,7 @@ pub fn zero_inputs(signature: &Signature, batch: usize) -> Result<Vec<Tensor>, E
 pub fn warm_up(model: &dyn Model, batch_sizes: &[usize]) -> Result<(), EngineError> {
     model.prepare(batch_sizes);
     for &n in batch_sizes {
-        let inputs = zero_inputs(model.signature(), n)?;
+        let inputs = model.preprocess(zero_inputs(model.signature(), n)?)?;
         let outputs =
             model.run(inputs).map_err(|e| EngineError::InvalidModel(format!("warm-up batch of {n} failed: {e}")))?;
         if outputs.len() != model.signature().outputs.len() {

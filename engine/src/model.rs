@@ -78,12 +78,23 @@ impl Signature {
 
 /// A model prepared on its device, ready to run batch after batch.
 ///
-/// `run` takes the batch's inputs in signature order and returns every output in signature order,
-/// each with the batch's rows along dim 0.
+/// A request's inputs (checked against the signature) go through `preprocess` on the request's
+/// side, then are merged into a batch; `run` takes the batch's preprocessed inputs and returns
+/// every output in signature order, each with the batch's rows along dim 0.
 pub trait Model: Send + Sync {
     fn signature(&self) -> &Signature;
     /// Readies whatever the model builds per batch size (tract's concrete plans) for these sizes,
     /// before they are served; sizes met later are readied in the background.
     fn prepare(&self, _batch_sizes: &[usize]) {}
+    /// Turns one request's inputs into what `run` takes (a tokenizer turns strings into token
+    /// ids); the identity for most models. Never runs on the executor.
+    fn preprocess(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+        Ok(inputs)
+    }
+    /// A rough size of the work `preprocess` does for these inputs (bytes of text), so that the
+    /// scheduler can move large requests off the async workers; 0 when there is none.
+    fn preprocess_cost(&self, _inputs: &[Tensor]) -> usize {
+        0
+    }
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError>;
 }

@@ -195,18 +195,30 @@ impl OnnxModel {
         let per_batch = template
             .filter(|_| max_plans > 0)
             .map(|template| std::sync::Arc::new(PerBatchPlans { template, plans: Default::default(), max_plans }));
+        let pad_to_longest = paddable(&input_specs, &output_specs);
         Ok(OnnxModel {
             per_batch,
             signature: Signature {
                 platform: "onnx_onnxv1".into(),
                 inputs: input_specs,
                 outputs: output_specs,
-                pad_to_longest: false,
+                pad_to_longest,
             },
             state,
             input_dts,
         })
     }
+}
+
+/// Whether requests of different sequence lengths may share a zero-padded batch: an encoder whose
+/// inputs are token tensors [batch, sequence] with an `attention_mask` (padding is then masked
+/// out), and whose outputs have no sequence dimension ([batch, fixed]: pooled embeddings, logits),
+/// so that a request's outputs do not depend on who it was batched with.
+fn paddable(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> bool {
+    let tokens = |s: &TensorSpec| matches!(s.datatype, DataType::I64 | DataType::I32) && s.shape.len() == 2;
+    inputs.iter().any(|s| s.name == "attention_mask")
+        && inputs.iter().all(tokens)
+        && outputs.iter().all(|s| s.shape.len() == 2 && s.shape[1] >= 0)
 }
 
 impl Model for OnnxModel {

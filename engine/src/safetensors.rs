@@ -7,8 +7,10 @@
 //!   `output_activation` (`softmax`, `sigmoid`, `none`). Input `input` FP32 [N, in], output
 //!   `output` FP32 [N, out].
 //! - `bert`: candle-transformers' BERT. Inputs `input_ids`, `attention_mask`, `token_type_ids`
-//!   INT64 [N, S]; output `sentence_embedding` FP32 [N, hidden], mean-pooled over the attention
-//!   mask as sentence-transformers computes it, L2-normalised when `normalize` is true (default).
+//!   INT64 [N, S]; output `sentence_embedding` FP32 [N, hidden], pooled as sentence-transformers
+//!   does it (`pooling`: `mean` over the attention mask (default), `cls`, or `max`) and
+//!   L2-normalised when `normalize` is true (default). A sentence-transformers directory says both
+//!   in its own files (`modules.json`, `1_Pooling/config.json`), which then take precedence.
 
 use candle_core::{DType, Module, Tensor as CTensor};
 use candle_nn::{Linear, VarBuilder};
@@ -34,6 +36,59 @@ pub fn config_for(weights: &[u8], config_json: Option<&[u8]>) -> Result<serde_js
         })?,
     };
     serde_json::from_str(&text).map_err(|e| EngineError::InvalidModel(format!("model config is not valid JSON: {e}")))
+}
+
+/// Reads a sentence-transformers directory's pooling and normalisation into the model config
+/// (`pooling`, `normalize`); does nothing without `modules.json`.
+pub fn apply_sentence_transformers(
+    config: &mut serde_json::Value,
+    files: &crate::ModelFiles,
+) -> Result<(), EngineError> {
+    let Some(modules) = files.get("modules.json") else { return Ok(()) };
+    #[derive(Deserialize)]
+    struct Module {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        path: String,
+    }
+    let modules: Vec<Module> =
+        serde_json::from_slice(modules).map_err(|e| EngineError::InvalidModel(format!("modules.json: {e}")))?;
+    let normalize = modules.iter().any(|m| m.kind.ends_with(".Normalize"));
+    let mut pooling = "mean";
+    if let Some(module) = modules.iter().find(|m| m.kind.ends_with(".Pooling")) {
+        let name = format!("{}/config.json", module.path.trim_end_matches('/'));
+        let file = files
+            .get(&name)
+            .ok_or_else(|| EngineError::InvalidModel(format!("modules.json names {name}, which is missing")))?;
+        let modes: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(file).map_err(|e| EngineError::InvalidModel(format!("{name}: {e}")))?;
+        // sentence-transformers 6 writes `"pooling_mode": "mean"`; earlier versions one boolean
+        // `pooling_mode_<mode>` per mode.
+        let on: Vec<&str> = match modes.get("pooling_mode").and_then(|m| m.as_str()) {
+            Some(mode) => vec![mode],
+            None => modes
+                .iter()
+                .filter(|(k, v)| k.starts_with("pooling_mode_") && v.as_bool() == Some(true))
+                .map(|(k, _)| k.trim_start_matches("pooling_mode_"))
+                .collect(),
+        };
+        pooling = match on.as_slice() {
+            ["mean" | "mean_tokens"] => "mean",
+            ["cls" | "cls_token"] => "cls",
+            ["max" | "max_tokens"] => "max",
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "{name}: pooling {other:?}; supported are mean, cls and max"
+                )));
+            }
+        };
+    }
+    if let Some(c) = config.as_object_mut() {
+        c.insert("pooling".into(), pooling.into());
+        c.insert("normalize".into(), normalize.into());
+    }
+    Ok(())
 }
 
 pub fn load(weights: &[u8], config: &serde_json::Value, device: Device) -> Result<Box<dyn Model>, EngineError> {
@@ -205,8 +260,19 @@ fn to_host(t: &CTensor) -> Result<Tensor, EngineError> {
     Tensor::from_f32(shape, &values)
 }
 
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Pooling {
+    #[default]
+    Mean,
+    Cls,
+    Max,
+}
+
 #[derive(Deserialize)]
 struct PoolingConfig {
+    #[serde(default)]
+    pooling: Pooling,
     #[serde(default = "yes")]
     normalize: bool,
 }
@@ -217,6 +283,7 @@ fn yes() -> bool {
 
 pub struct BertEncoder {
     model: BertModel,
+    pooling: Pooling,
     normalize: bool,
     device: candle_core::Device,
     signature: Signature,
@@ -245,7 +312,7 @@ impl BertEncoder {
             }],
             pad_to_longest: true,
         };
-        Ok(BertEncoder { model, normalize: pooling.normalize, device, signature })
+        Ok(BertEncoder { model, pooling: pooling.pooling, normalize: pooling.normalize, device, signature })
     }
 }
 
@@ -266,9 +333,19 @@ impl Model for BertEncoder {
         let run = || -> candle_core::Result<CTensor> {
             let hidden = self.model.forward(&ids, &types, Some(&mask))?;
             let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-            let summed = hidden.broadcast_mul(&m)?.sum(1)?;
-            let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?;
-            let pooled = summed.broadcast_div(&counts)?;
+            let pooled = match self.pooling {
+                Pooling::Mean => {
+                    let summed = hidden.broadcast_mul(&m)?.sum(1)?;
+                    let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+                    summed.broadcast_div(&counts)?
+                }
+                Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+                // Padding gets -1e9 first, as sentence-transformers does.
+                Pooling::Max => {
+                    let masked = hidden.broadcast_mul(&m)?.broadcast_add(&((m.affine(1e9, -1e9))?))?;
+                    masked.max(1)?
+                }
+            };
             if self.normalize {
                 let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
                 pooled.broadcast_div(&norm)

@@ -63,7 +63,10 @@ impl Default for ArtifactLimits {
 }
 
 /// The files of a stored version by name: a single file gets its conventional name
-/// (`model.onnx`, `model.safetensors`), a tar its regular entries (directories flattened away).
+/// (`model.onnx`, `model.safetensors`); a tar its regular entries by relative path with `/`
+/// separators, less the one directory every entry shares, if any (`m/model.safetensors` →
+/// `model.safetensors`, `m/1_Pooling/config.json` → `1_Pooling/config.json`), so that a model
+/// directory can be tarred as it is, from inside or from its parent.
 pub fn unpack(format: Format, blob: Bytes, limits: ArtifactLimits) -> Result<BTreeMap<String, Bytes>, RegistryError> {
     let mut files = BTreeMap::new();
     match format {
@@ -77,6 +80,7 @@ pub fn unpack(format: Format, blob: Bytes, limits: ArtifactLimits) -> Result<BTr
             let bad = |m: String| RegistryError::InvalidUpload(m);
             let mut archive = tar::Archive::new(&blob[..]);
             let mut total = 0u64;
+            let mut entries: Vec<(Vec<String>, Bytes)> = Vec::new();
             for entry in archive.entries().map_err(|e| bad(format!("not a readable tar: {e}")))? {
                 let mut entry = entry.map_err(|e| bad(format!("corrupt tar entry: {e}")))?;
                 let kind = entry.header().entry_type();
@@ -87,36 +91,43 @@ pub fn unpack(format: Format, blob: Bytes, limits: ArtifactLimits) -> Result<BTr
                     return Err(bad(format!("tar entry of type {kind:?} is not allowed (only regular files)")));
                 }
                 let path = entry.path().map_err(|e| bad(format!("tar entry path: {e}")))?.into_owned();
-                if path
-                    .components()
-                    .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
-                {
-                    return Err(bad(format!("tar entry {} escapes the model directory", path.display())));
+                let mut parts = Vec::new();
+                for c in path.components() {
+                    match c {
+                        std::path::Component::Normal(p) => parts.push(
+                            p.to_str()
+                                .ok_or_else(|| bad(format!("tar entry {} has no usable name", path.display())))?
+                                .to_string(),
+                        ),
+                        std::path::Component::CurDir => {}
+                        _ => return Err(bad(format!("tar entry {} escapes the model directory", path.display()))),
+                    }
                 }
-                let name = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .ok_or_else(|| bad(format!("tar entry {} has no usable name", path.display())))?
-                    .to_string();
-                if name.starts_with("._") {
+                if parts.last().is_none_or(|n| n.starts_with("._")) {
                     continue; // macOS resource forks
                 }
                 let size = entry.header().size().map_err(|e| bad(format!("tar entry size: {e}")))?;
                 total = total.saturating_add(size);
-                if files.len() >= limits.max_entries || total > limits.max_total_bytes {
+                if entries.len() >= limits.max_entries || total > limits.max_total_bytes {
                     return Err(bad(format!(
                         "tar expands beyond the limits ({} entries, {} bytes)",
                         limits.max_entries, limits.max_total_bytes
                     )));
                 }
                 let mut data = Vec::with_capacity(size as usize);
-                entry.read_to_end(&mut data).map_err(|e| bad(format!("tar entry {name}: {e}")))?;
-                if files.insert(name.clone(), Bytes::from(data)).is_some() {
+                entry.read_to_end(&mut data).map_err(|e| bad(format!("tar entry {}: {e}", path.display())))?;
+                entries.push((parts, Bytes::from(data)));
+            }
+            if entries.is_empty() {
+                return Err(bad("tar holds no files".into()));
+            }
+            let first = &entries[0].0[0];
+            let shared_dir = entries.iter().all(|(p, _)| p.len() > 1 && &p[0] == first);
+            for (parts, data) in entries {
+                let name = parts[usize::from(shared_dir)..].join("/");
+                if files.insert(name.clone(), data).is_some() {
                     return Err(bad(format!("tar holds two files named {name}")));
                 }
-            }
-            if files.is_empty() {
-                return Err(bad("tar holds no files".into()));
             }
         }
     }
@@ -150,10 +161,26 @@ mod tests {
     }
 
     #[test]
-    fn unpacks_tar_flat() {
-        let tar = tar_of(&[("m/model.safetensors", b"w"), ("m/config.json", b"{}")]);
-        let files = unpack(Format::Tar, Bytes::from(tar), ArtifactLimits::default()).unwrap();
-        assert_eq!(files.keys().collect::<Vec<_>>(), vec!["config.json", "model.safetensors"]);
+    fn unpacks_tar_by_relative_path() {
+        let names = |entries: &[(&str, &[u8])]| {
+            let files = unpack(Format::Tar, Bytes::from(tar_of(entries)), ArtifactLimits::default()).unwrap();
+            files.into_keys().collect::<Vec<_>>()
+        };
+        // One shared directory is dropped, whatever its name; deeper directories stay.
+        let st: &[(&str, &[u8])] =
+            &[("m/model.safetensors", b"w"), ("m/config.json", b"{}"), ("m/1_Pooling/config.json", b"{}")];
+        assert_eq!(names(st), vec!["1_Pooling/config.json", "config.json", "model.safetensors"]);
+        assert_eq!(names(&[("./m/model.onnx", b"x")]), vec!["model.onnx"]);
+        // Tarred from inside the directory: nothing is shared, nothing is dropped.
+        assert_eq!(names(&[("model.onnx", b"x"), ("extra/notes.txt", b"y")]), vec!["extra/notes.txt", "model.onnx"]);
+        assert_eq!(names(&[("a/model.onnx", b"x"), ("b/model.onnx", b"y")]), vec!["a/model.onnx", "b/model.onnx"]);
+    }
+
+    #[test]
+    fn refuses_duplicate_names() {
+        let err = unpack(Format::Tar, Bytes::from(tar_of(&[("m/a", b"1"), ("m/a", b"2")])), ArtifactLimits::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("two files named a"), "{err}");
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct ModelSettings {
     pub max_queue_delay_us: u64,
     pub preferred_batch_sizes: Vec<usize>,
     pub max_queue_size: usize,
+    /// Models that pad requests to the longest (text encoders): the most padded tokens (rows ×
+    /// longest sequence) one batch may hold; a request over it alone is refused (TEI's budget).
+    pub max_batch_tokens: usize,
     /// Batch sizes run once at load, before the version takes traffic.
     pub warmup_batch_sizes: Vec<usize>,
     /// `"latest"`, `{ latest = N }` or `{ pinned = [1, 2] }`.
@@ -119,6 +122,7 @@ impl Default for ModelSettings {
             max_queue_delay_us: 0,
             preferred_batch_sizes: Vec::new(),
             max_queue_size: 1024,
+            max_batch_tokens: 16_384,
             warmup_batch_sizes: vec![1],
             version_policy: PolicySetting::default(),
             mode: BatchMode::Static,
@@ -166,6 +170,7 @@ pub struct ModelOverrides {
     pub max_queue_delay_us: Option<u64>,
     pub preferred_batch_sizes: Option<Vec<usize>>,
     pub max_queue_size: Option<usize>,
+    pub max_batch_tokens: Option<usize>,
     pub warmup_batch_sizes: Option<Vec<usize>>,
     pub version_policy: Option<PolicySetting>,
     pub mode: Option<BatchMode>,
@@ -243,6 +248,7 @@ impl Config {
             s.max_queue_delay_us = o.max_queue_delay_us.unwrap_or(s.max_queue_delay_us);
             s.preferred_batch_sizes = o.preferred_batch_sizes.unwrap_or(s.preferred_batch_sizes);
             s.max_queue_size = o.max_queue_size.unwrap_or(s.max_queue_size);
+            s.max_batch_tokens = o.max_batch_tokens.unwrap_or(s.max_batch_tokens);
             s.warmup_batch_sizes = o.warmup_batch_sizes.unwrap_or(s.warmup_batch_sizes);
             s.version_policy = o.version_policy.unwrap_or(s.version_policy);
             s.mode = o.mode.unwrap_or(s.mode);
@@ -257,6 +263,7 @@ impl ModelSettings {
         self.device.parse::<DeviceRequest>()?;
         anyhow::ensure!(self.max_batch_size >= 1, "max_batch_size must be at least 1");
         anyhow::ensure!(self.max_queue_size >= 1, "max_queue_size must be at least 1");
+        anyhow::ensure!(self.max_batch_tokens >= 1, "max_batch_tokens must be at least 1");
         anyhow::ensure!(
             self.latency_slo_ms > 0.0 && self.latency_slo_ms.is_finite(),
             "latency_slo_ms must be a positive number"
@@ -273,6 +280,7 @@ impl ModelSettings {
             max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
             preferred_batch_sizes: self.preferred_batch_sizes.clone(),
             max_queue_size: self.max_queue_size,
+            max_batch_tokens: Some(self.max_batch_tokens),
             latency_slo: (self.mode == BatchMode::Adaptive).then(|| Duration::from_secs_f64(self.latency_slo_ms / 1e3)),
         }
     }

@@ -16,6 +16,9 @@ const MODELS: &[(&str, &str, &str)] = &[
     ("torch-bert", "torch_bert.onnx", "torch_bert"),
     ("st-mlp", "st_mlp.safetensors", "st_mlp"),
     ("st-bert", "st_bert.tar", "st_bert"),
+    // sentence-transformers directories with tokenizer.json: strings in (see text.rs)
+    ("st-text", "st_text.tar", "st_text"),
+    ("st-text-cls", "st_text_cls.tar", "st_text_cls"),
 ];
 
 #[tokio::test]

@@ -2,12 +2,15 @@
 //!
 //!     offline MODEL_FILE [BATCH_SIZES] [SECONDS_PER_SIZE]
 //!
-//! Feeds zeros (variable trailing dims get `SYNTHETIC_SEQ_LEN`) to the prepared model, one batch after
-//! another on this thread, and prints JSON lines: batch size, batches/s, rows/s.
+//! MODEL_FILE is what a push takes: `.onnx`, `.safetensors` or a `.tar` of a model directory.
+//! Feeds zeros (variable trailing dims get `SYNTHETIC_SEQ_LEN`; a text model gets
+//! `SYNTHETIC_TEXT`, tokenised once beforehand) to the prepared model, one batch after another on
+//! this thread, and prints JSON lines: batch size, batches/s, rows/s.
 
 use std::time::{Duration, Instant};
 
 use algolink_engine::{LoadOptions, ModelFiles, load_model, zero_inputs};
+use algolink_registry::{ArtifactLimits, Format, unpack};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -16,10 +19,14 @@ fn main() -> anyhow::Result<()> {
         args.next().unwrap_or_else(|| "1,8,32,128".into()).split(',').map(str::parse).collect::<Result<_, _>>()?;
     let seconds: f64 = args.next().map_or(Ok(2.0), |s| s.parse())?;
     let name = std::path::Path::new(&path).file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx").to_string();
-    let files = ModelFiles::from([(name, bytes::Bytes::from(std::fs::read(&path)?))]);
+    let data = bytes::Bytes::from(std::fs::read(&path)?);
+    let files: ModelFiles = match Format::detect(&data) {
+        Format::Tar => unpack(Format::Tar, data, ArtifactLimits::default())?,
+        _ => ModelFiles::from([(name, data)]),
+    };
     let model = load_model(&files, &LoadOptions { warmup_batch_sizes: sizes.clone(), ..Default::default() })?;
     for n in sizes {
-        let inputs = zero_inputs(model.signature(), n)?;
+        let inputs = model.preprocess(zero_inputs(model.signature(), n)?)?;
         let start = Instant::now();
         let mut batches = 0u64;
         while start.elapsed() < Duration::from_secs_f64(seconds) {

@@ -125,6 +125,11 @@ impl Scheduler {
     /// is skipped before it reaches the device.
     pub async fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>, EngineError> {
         let rows = self.model.signature().check_inputs(&request.inputs)?;
+        let inputs = self.preprocess(request.inputs).await?;
+        let seq_len = match self.model.signature().pad_to_longest {
+            true => inputs.first().and_then(|t| t.shape.get(1)).copied().unwrap_or(1),
+            false => 1,
+        };
         let now = Instant::now();
         let (reply, rx) = oneshot::channel();
         let entry = Entry {
@@ -132,8 +137,9 @@ impl Scheduler {
             priority: if request.priority == 0 { u32::MAX } else { request.priority },
             enqueued: now,
             deadline: request.timeout.map(|t| now + t),
-            shape_key: shape_key(&request.inputs),
-            payload: Pending { inputs: request.inputs, reply },
+            shape_key: shape_key(&inputs),
+            seq_len,
+            payload: Pending { inputs, reply },
         };
         {
             let mut q = self.shared.queue.lock().expect("queue lock");
@@ -152,6 +158,10 @@ impl Scheduler {
                     PushError::TooManyRows { rows, max } => EngineError::InvalidInput(format!(
                         "request has {rows} rows, more than the model's max_batch_size {max}"
                     )),
+                    PushError::TooManyTokens { tokens, max } => EngineError::InvalidInput(format!(
+                        "request has {tokens} tokens (rows × longest sequence), more than the model's \
+                         max_batch_tokens {max}"
+                    )),
                     PushError::WouldMissDeadline { predicted, deadline } => {
                         self.stats.shed.fetch_add(1, Ordering::Relaxed);
                         let retry_after = predicted.saturating_sub(deadline).max(Duration::from_secs(1));
@@ -163,6 +173,23 @@ impl Scheduler {
         }
         self.shared.wake.notify_one();
         rx.await.map_err(|_| EngineError::Unavailable("the scheduler stopped before answering".into()))?
+    }
+}
+
+/// Requests whose preprocessing (bytes of text to tokenise) is larger than this run it on tokio's
+/// blocking pool; smaller ones (a few sentences: tens of microseconds) run in place, where a
+/// thread hop would cost more than the work.
+const PREPROCESS_INLINE_MAX: usize = 4096;
+
+impl Scheduler {
+    async fn preprocess(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+        if self.model.preprocess_cost(&inputs) <= PREPROCESS_INLINE_MAX {
+            return self.model.preprocess(inputs);
+        }
+        let model = self.model.clone();
+        tokio::task::spawn_blocking(move || model.preprocess(inputs))
+            .await
+            .map_err(|_| EngineError::Execution("preprocessing panicked".into()))?
     }
 }
 

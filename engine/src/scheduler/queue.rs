@@ -16,6 +16,10 @@ pub struct BatchConfig {
     pub preferred_batch_sizes: Vec<usize>,
     /// Requests that may wait at once; one more is refused.
     pub max_queue_size: usize,
+    /// Models that pad requests to the longest (text encoders): the most padded tokens (longest
+    /// sequence × rows) one batch may hold, as TEI's `max_batch_tokens`; a request over it alone
+    /// is refused. `None`: no token budget.
+    pub max_batch_tokens: Option<usize>,
     /// `Some(objective)`: adaptive batching (the delay and preferred sizes are then ignored): the
     /// batcher waits for more rows only while it raises throughput and every request can still
     /// finish within the objective, and refuses a request predicted to miss it. `None`: static.
@@ -29,6 +33,7 @@ impl Default for BatchConfig {
             max_queue_delay: Duration::ZERO,
             preferred_batch_sizes: Vec::new(),
             max_queue_size: 1024,
+            max_batch_tokens: Some(16_384),
             latency_slo: None,
         }
     }
@@ -44,6 +49,9 @@ pub struct Entry<T> {
     pub deadline: Option<Instant>,
     /// Requests with different keys (trailing shapes) cannot share a batch, unless padding is on.
     pub shape_key: u64,
+    /// Sequence length of each row (1 for models that do not pad): a batch costs its longest
+    /// `seq_len` × its rows against `max_batch_tokens`.
+    pub seq_len: usize,
     pub payload: T,
 }
 
@@ -77,6 +85,11 @@ pub enum PushError {
     QueueFull,
     TooManyRows {
         rows: usize,
+        max: usize,
+    },
+    /// Padded tokens (rows × sequence length) over `max_batch_tokens`.
+    TooManyTokens {
+        tokens: usize,
         max: usize,
     },
     /// Adaptive mode: predicted to finish `predicted` after arrival, past its `deadline`.
@@ -122,6 +135,11 @@ impl<T: Waiting> BatchQueue<T> {
             let max = self.config.max_batch_size;
             return Err((PushError::TooManyRows { rows: entry.rows, max }, entry));
         }
+        if let Some(max) = self.config.max_batch_tokens
+            && entry.rows.saturating_mul(entry.seq_len) > max
+        {
+            return Err((PushError::TooManyTokens { tokens: entry.rows * entry.seq_len, max }, entry));
+        }
         if self.entries.len() >= self.config.max_queue_size {
             return Err((PushError::QueueFull, entry));
         }
@@ -164,6 +182,8 @@ impl<T: Waiting> BatchQueue<T> {
         // unless padding is allowed; an entry that would overflow ends the batch.
         let mut keys = Vec::new();
         let mut rows = 0;
+        let mut longest = 0;
+        let token_budget = self.config.max_batch_tokens.unwrap_or(usize::MAX);
         let mut oldest: Option<Instant> = None;
         let mut first_shape = None;
         let limit = match self.config.latency_slo {
@@ -175,10 +195,12 @@ impl<T: Waiting> BatchQueue<T> {
                 continue;
             }
             // (The first entry always fits: a request is never larger than max_batch_size.)
-            if rows + e.rows > limit && !keys.is_empty() {
+            let padded = (rows + e.rows).saturating_mul(longest.max(e.seq_len));
+            if (rows + e.rows > limit || padded > token_budget) && !keys.is_empty() {
                 break;
             }
             rows += e.rows;
+            longest = longest.max(e.seq_len);
             keys.push(*k);
             oldest = Some(oldest.map_or(e.enqueued, |o| o.min(e.enqueued)));
         }
@@ -257,6 +279,7 @@ mod tests {
             max_queue_delay: ms(case.delay_ms),
             preferred_batch_sizes: case.preferred,
             max_queue_size: 100,
+            max_batch_tokens: None,
             latency_slo: None,
         };
         let mut q = BatchQueue::new(cfg, case.pad);
@@ -267,6 +290,7 @@ mod tests {
                 enqueued: t0 + ms(at),
                 deadline: deadline.map(|d| t0 + ms(d)),
                 shape_key: shape,
+                seq_len: 1,
                 payload: P { name, gone },
             })
             .unwrap();
@@ -485,6 +509,7 @@ mod tests {
             enqueued: t0 + ms(at),
             deadline: deadline.map(|d| t0 + ms(d)),
             shape_key: 0,
+            seq_len: 1,
             payload: P { name, gone: false },
         };
         // Nothing learnt: nothing is shed, and a lone request runs at once.
@@ -527,10 +552,42 @@ mod tests {
             enqueued: Instant::now(),
             deadline: None,
             shape_key: 0,
+            seq_len: 1,
             payload: P { name: "x", gone: false },
         };
         assert_eq!(q.push(entry(5)).unwrap_err().0, PushError::TooManyRows { rows: 5, max: 4 });
         q.push(entry(4)).unwrap();
         assert_eq!(q.push(entry(1)).unwrap_err().0, PushError::QueueFull);
+    }
+
+    #[test]
+    fn token_budget() {
+        // Padded cost = longest sequence × rows, as TEI counts it.
+        let cfg = BatchConfig { max_batch_size: 64, max_batch_tokens: Some(100), ..BatchConfig::default() };
+        let mut q = BatchQueue::new(cfg, true);
+        let t0 = Instant::now();
+        let entry = |name, rows, seq_len| Entry {
+            rows,
+            priority: 1,
+            enqueued: t0,
+            deadline: None,
+            shape_key: seq_len as u64,
+            seq_len,
+            payload: P { name, gone: false },
+        };
+        assert_eq!(q.push(entry("huge", 2, 51)).unwrap_err().0, PushError::TooManyTokens { tokens: 102, max: 100 });
+        q.push(entry("a", 4, 10)).unwrap(); // 40
+        q.push(entry("b", 2, 20)).unwrap(); // 6 × 20 = 120 > 100: ends the batch
+        q.push(entry("c", 1, 5)).unwrap();
+        let names = |n: Next<P>| n.batch.iter().map(|e| e.payload.name).collect::<Vec<_>>();
+        assert_eq!(names(q.next_batch(t0)), vec!["a"]);
+        // b and c: 3 rows × 20 = 60.
+        assert_eq!(names(q.next_batch(t0)), vec!["b", "c"]);
+        // Without a budget, all three share one batch.
+        let mut q = BatchQueue::new(BatchConfig { max_batch_tokens: None, ..BatchConfig::default() }, true);
+        for (n, r, l) in [("a", 4, 10), ("b", 2, 20), ("c", 1, 5)] {
+            q.push(entry(n, r, l)).unwrap();
+        }
+        assert_eq!(names(q.next_batch(t0)), vec!["a", "b", "c"]);
     }
 }
