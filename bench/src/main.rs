@@ -1,6 +1,7 @@
 //! `algolink-bench`: a closed-loop load generator for any Open Inference Protocol v2 server.
 //!
-//! For each concurrency level, C clients send the same request back to back. Measurement windows
+//! For each concurrency level, C clients send requests back to back: the request file's one
+//! request, or, when the file holds a JSON array of requests, each client the next one in turn. Measurement windows
 //! repeat until three in a row agree on throughput within the stability threshold (as
 //! perf_analyzer does), then the last three windows are reported together: req/s and latency
 //! percentiles, as JSON lines on stdout.
@@ -25,7 +26,7 @@ struct Args {
     /// Model name (the request goes to /v2/models/{model}/infer).
     #[arg(long)]
     model: String,
-    /// File holding the JSON inference request body to send.
+    /// File holding the JSON inference request body to send, or a JSON array of them.
     #[arg(long)]
     request: PathBuf,
     /// Concurrency levels, comma-separated.
@@ -140,19 +141,22 @@ impl Request {
 async fn window(
     client: &reqwest::Client,
     url: &str,
-    body: &Arc<Request>,
+    bodies: &Arc<Vec<Request>>,
     concurrency: usize,
     length: Duration,
 ) -> Window {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let (client, url, body, stop) = (client.clone(), url.to_string(), body.clone(), stop.clone());
+    for c in 0..concurrency {
+        let (client, url, bodies, stop) = (client.clone(), url.to_string(), bodies.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
+            let mut next = c;
             while !stop.load(Ordering::Relaxed) {
+                let body = &bodies[next % bodies.len()];
+                next += 1;
                 let t = Instant::now();
                 let ok = match body.send(&client, &url).send().await {
                     Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
@@ -183,17 +187,36 @@ async fn window(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let json = std::fs::read(&args.request).with_context(|| format!("reading {}", args.request.display()))?;
-    let body = Arc::new(if args.binary {
-        let (body, header) = to_binary(&json)?;
-        Request { body, header: Some(header) }
-    } else {
-        Request { body: json, header: None }
-    });
+    let requests = match serde_json::from_slice(&json)? {
+        serde_json::Value::Array(items) => items.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>()?,
+        _ => vec![json],
+    };
+    anyhow::ensure!(!requests.is_empty(), "{} holds an empty list", args.request.display());
+    let body = Arc::new(
+        requests
+            .into_iter()
+            .map(|json| {
+                Ok(if args.binary {
+                    let (body, header) = to_binary(&json)?;
+                    Request { body, header: Some(header) }
+                } else {
+                    Request { body: json, header: None }
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    );
     let url = format!("{}/v2/models/{}/infer", args.url.trim_end_matches('/'), args.model);
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).tcp_nodelay(true).build()?;
-    // One request first: fail fast on a wrong URL or body.
-    let r = body.send(&client, &url).send().await.with_context(|| format!("POST {url}"))?;
-    anyhow::ensure!(r.status().is_success(), "{url} answered {}: {}", r.status(), r.text().await.unwrap_or_default());
+    // Every request once first: fail fast on a wrong URL or body.
+    for request in body.iter() {
+        let r = request.send(&client, &url).send().await.with_context(|| format!("POST {url}"))?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "{url} answered {}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
     for &c in &args.concurrency {
         let length = Duration::from_millis(args.window_ms);
         window(&client, &url, &body, c, length / 2).await; // warm-up, discarded

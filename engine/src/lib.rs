@@ -10,6 +10,8 @@ mod load;
 pub mod model;
 pub mod onnx;
 mod onnx_ml;
+#[cfg(feature = "ort")]
+pub mod ort;
 pub mod safetensors;
 pub mod scheduler;
 pub mod stats;
@@ -18,7 +20,9 @@ pub mod text;
 
 pub use device::{Device, DeviceRequest};
 pub use error::EngineError;
-pub use load::{LoadOptions, ModelFiles, SYNTHETIC_SEQ_LEN, SYNTHETIC_TEXT, load_model, warm_up, zero_inputs};
+pub use load::{
+    LoadOptions, ModelFiles, OnnxBackend, SYNTHETIC_SEQ_LEN, SYNTHETIC_TEXT, load_model, warm_up, zero_inputs,
+};
 pub use model::{Model, Signature, TensorSpec};
 pub use scheduler::{BatchConfig, InferRequest, Scheduler};
 pub use stats::Stats;

@@ -24,16 +24,28 @@ fn json_file(files: &ModelFiles, name: &str) -> Result<Option<serde_json::Value>
         .transpose()
 }
 
+/// What runs ONNX models on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnnxBackend {
+    /// tract, built in.
+    #[default]
+    Tract,
+    /// ONNX Runtime, loaded at run time (needs the cargo feature `ort`; see `ort.rs`).
+    Ort,
+}
+
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub device: Device,
     /// One batch of each of these sizes runs before the model is reported ready.
     pub warmup_batch_sizes: Vec<usize>,
+    pub onnx_backend: OnnxBackend,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, warmup_batch_sizes: vec![1] }
+        LoadOptions { device: Device::Cpu, warmup_batch_sizes: vec![1], onnx_backend: OnnxBackend::Tract }
     }
 }
 
@@ -48,7 +60,17 @@ pub fn load_model(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
             if options.device != Device::Cpu {
                 tracing::warn!("ONNX models run on the CPU backend; {} is not used for this one", options.device);
             }
-            Arc::new(crate::onnx::OnnxModel::load(bytes)?)
+            match options.onnx_backend {
+                OnnxBackend::Tract => Arc::new(crate::onnx::OnnxModel::load(bytes)?),
+                #[cfg(feature = "ort")]
+                OnnxBackend::Ort => Arc::new(crate::ort::OrtModel::load(bytes)?),
+                #[cfg(not(feature = "ort"))]
+                OnnxBackend::Ort => {
+                    return Err(EngineError::Device(
+                        "onnx_backend \"ort\" needs a build with the cargo feature `ort`".into(),
+                    ));
+                }
+            }
         }
         ([], [(_, bytes)]) => {
             let mut config = crate::safetensors::config_for(bytes, files.get("config.json").map(|b| &b[..]))?;

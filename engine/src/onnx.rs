@@ -109,9 +109,28 @@ fn optimise(model: InferenceModel) -> TractResult<TypedModel> {
     typed.into_optimized()
 }
 
+/// Gives tract's matrix products a pool of `ALGOLINK_TRACT_THREADS` threads (default: every
+/// core), once per process; tract otherwise runs every product on the calling thread. Products
+/// too small to gain from threads still run inline (tract's own panel threshold).
+fn use_all_cores() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let threads = std::env::var("ALGOLINK_TRACT_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads > 1 {
+            tract_linalg::multithread::set_default_executor(
+                tract_linalg::multithread::Executor::multithread_with_name(threads, "algolink-tract"),
+            );
+        }
+    });
+}
+
 impl OnnxModel {
     /// Parses, checks and optimises an ONNX model.
     pub fn load(bytes: &[u8]) -> Result<OnnxModel, EngineError> {
+        use_all_cores();
         let mut onnx = tract_onnx::onnx();
         crate::onnx_ml::register(&mut onnx);
         let mut proto = onnx
@@ -214,7 +233,7 @@ impl OnnxModel {
 /// inputs are token tensors [batch, sequence] with an `attention_mask` (padding is then masked
 /// out), and whose outputs have no sequence dimension ([batch, fixed]: pooled embeddings, logits),
 /// so that a request's outputs do not depend on who it was batched with.
-fn paddable(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> bool {
+pub(crate) fn paddable(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> bool {
     let tokens = |s: &TensorSpec| matches!(s.datatype, DataType::I64 | DataType::I32) && s.shape.len() == 2;
     inputs.iter().any(|s| s.name == "attention_mask")
         && inputs.iter().all(tokens)

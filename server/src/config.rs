@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use algolink_engine::{BatchConfig, DeviceRequest};
+use algolink_engine::{BatchConfig, DeviceRequest, OnnxBackend};
 use algolink_registry::lifecycle::retire::RetirementRules;
 use algolink_registry::lifecycle::rollout::RolloutPolicy;
 use algolink_registry::lifecycle::route::RouteSpec;
@@ -96,6 +96,9 @@ pub struct ModelSettings {
     pub max_batch_tokens: usize,
     /// Batch sizes run once at load, before the version takes traffic.
     pub warmup_batch_sizes: Vec<usize>,
+    /// What runs ONNX models: `"tract"` (built in) or `"ort"` (ONNX Runtime; a build with the
+    /// cargo feature `ort` and an installed libonnxruntime, see engine/src/ort.rs).
+    pub onnx_backend: OnnxBackend,
     /// `"latest"`, `{ latest = N }` or `{ pinned = [1, 2] }`.
     pub version_policy: PolicySetting,
     /// `"static"` (Triton's dynamic batcher: max_queue_delay_us, preferred_batch_sizes) or
@@ -124,6 +127,7 @@ impl Default for ModelSettings {
             max_queue_size: 1024,
             max_batch_tokens: 16_384,
             warmup_batch_sizes: vec![1],
+            onnx_backend: OnnxBackend::Tract,
             version_policy: PolicySetting::default(),
             mode: BatchMode::Static,
             latency_slo_ms: 100.0,
@@ -172,6 +176,7 @@ pub struct ModelOverrides {
     pub max_queue_size: Option<usize>,
     pub max_batch_tokens: Option<usize>,
     pub warmup_batch_sizes: Option<Vec<usize>>,
+    pub onnx_backend: Option<OnnxBackend>,
     pub version_policy: Option<PolicySetting>,
     pub mode: Option<BatchMode>,
     pub latency_slo_ms: Option<f64>,
@@ -250,6 +255,7 @@ impl Config {
             s.max_queue_size = o.max_queue_size.unwrap_or(s.max_queue_size);
             s.max_batch_tokens = o.max_batch_tokens.unwrap_or(s.max_batch_tokens);
             s.warmup_batch_sizes = o.warmup_batch_sizes.unwrap_or(s.warmup_batch_sizes);
+            s.onnx_backend = o.onnx_backend.unwrap_or(s.onnx_backend);
             s.version_policy = o.version_policy.unwrap_or(s.version_policy);
             s.mode = o.mode.unwrap_or(s.mode);
             s.latency_slo_ms = o.latency_slo_ms.unwrap_or(s.latency_slo_ms);

@@ -249,7 +249,11 @@ impl AppState {
     async fn load_files(&self, name: &str, files: algolink_engine::ModelFiles) -> Result<Arc<dyn Model>, ApiError> {
         let settings = self.config.settings_for(name);
         let device = settings.device().resolve()?;
-        let options = LoadOptions { device, warmup_batch_sizes: settings.warmup_batch_sizes.clone() };
+        let options = LoadOptions {
+            device,
+            warmup_batch_sizes: settings.warmup_batch_sizes.clone(),
+            onnx_backend: settings.onnx_backend,
+        };
         tokio::task::spawn_blocking(move || load_model(&files, &options))
             .await
             .map_err(|e| ApiError::Internal(format!("loader crashed: {e}")))?

@@ -2,6 +2,7 @@
 //!
 //!     offline MODEL_FILE [BATCH_SIZES] [SECONDS_PER_SIZE]
 //!
+//! `ONNX_BACKEND=ort` runs ONNX models on ONNX Runtime (a build with `--features ort`).
 //! MODEL_FILE is what a push takes: `.onnx`, `.safetensors` or a `.tar` of a model directory.
 //! Feeds zeros (variable trailing dims get `SYNTHETIC_SEQ_LEN`; a text model gets
 //! `SYNTHETIC_TEXT`, tokenised once beforehand) to the prepared model, one batch after another on
@@ -9,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use algolink_engine::{LoadOptions, ModelFiles, load_model, zero_inputs};
+use algolink_engine::{LoadOptions, ModelFiles, OnnxBackend, load_model, zero_inputs};
 use algolink_registry::{ArtifactLimits, Format, unpack};
 
 fn main() -> anyhow::Result<()> {
@@ -24,7 +25,12 @@ fn main() -> anyhow::Result<()> {
         Format::Tar => unpack(Format::Tar, data, ArtifactLimits::default())?,
         _ => ModelFiles::from([(name, data)]),
     };
-    let model = load_model(&files, &LoadOptions { warmup_batch_sizes: sizes.clone(), ..Default::default() })?;
+    let onnx_backend = match std::env::var("ONNX_BACKEND").as_deref() {
+        Ok("ort") => OnnxBackend::Ort,
+        _ => OnnxBackend::Tract,
+    };
+    let options = LoadOptions { warmup_batch_sizes: sizes.clone(), onnx_backend, ..Default::default() };
+    let model = load_model(&files, &options)?;
     for n in sizes {
         let inputs = model.preprocess(zero_inputs(model.signature(), n)?)?;
         let start = Instant::now();
