@@ -78,6 +78,19 @@ impl TestServer {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POSTs an infer request with the binary tensor extension: the JSON header, then `raw`.
+    pub async fn infer_binary(&self, path: &str, header: &Value, raw: &[u8]) -> reqwest::Response {
+        let head = header.to_string();
+        self.client
+            .post(self.url(path))
+            .header("Inference-Header-Content-Length", head.len())
+            .header("Content-Type", "application/octet-stream")
+            .body([head.as_bytes(), raw].concat())
+            .send()
+            .await
+            .expect("binary infer")
+    }
+
     /// A management API call: JSON in (when given), status and JSON out.
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");

@@ -58,21 +58,9 @@ async fn binary_tensor_extension_both_ways() {
         "inputs": [{ "name": "input", "shape": r["inputs"][0]["shape"], "datatype": "FP32",
                      "parameters": { "binary_data_size": x.len() * 4 } }],
         "parameters": { "binary_data_output": true },
-    })
-    .to_string();
-    let mut body = header.clone().into_bytes();
-    for v in &x {
-        body.extend_from_slice(&v.to_le_bytes());
-    }
-    let resp = server
-        .client
-        .post(server.url("/v2/models/mlp/infer"))
-        .header("Inference-Header-Content-Length", header.len())
-        .header("Content-Type", "application/octet-stream")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    });
+    let raw: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let resp = server.infer_binary("/v2/models/mlp/infer", &header, &raw).await;
     assert_eq!(resp.status(), 200);
     let n: usize = resp.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
     let bytes = resp.bytes().await.unwrap();

@@ -60,19 +60,8 @@ async fn strings_in_embeddings_out_whatever_the_batch() {
     let head = json!({
         "inputs": [{ "name": "text", "datatype": "BYTES", "shape": [texts.len()],
                      "parameters": { "binary_data_size": raw.len() } }],
-    })
-    .to_string();
-    let mut body = head.clone().into_bytes();
-    body.extend_from_slice(&raw);
-    let resp = server
-        .client
-        .post(server.url("/v2/models/st/infer"))
-        .header("Inference-Header-Content-Length", head.len())
-        .header("Content-Type", "application/octet-stream")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    });
+    let resp = server.infer_binary("/v2/models/st/infer", &head, &raw).await;
     assert_eq!(resp.status(), 200);
     let answer: Value = resp.json().await.unwrap();
     assert_eq!(answer["outputs"][0]["shape"], json!([texts.len(), 32]));
@@ -94,16 +83,8 @@ async fn bad_text_is_refused_with_the_reason() {
     // Not UTF-8 (binary data can carry any bytes).
     let raw = [1u32.to_le_bytes().as_slice(), b"a", 2u32.to_le_bytes().as_slice(), &[0xff, 0xfe]].concat();
     let head = json!({ "inputs": [{ "name": "text", "datatype": "BYTES", "shape": [2],
-                                    "parameters": { "binary_data_size": raw.len() } }] })
-    .to_string();
-    let resp = server
-        .client
-        .post(server.url("/v2/models/st/infer"))
-        .header("Inference-Header-Content-Length", head.len())
-        .body([head.as_bytes(), &raw].concat())
-        .send()
-        .await
-        .unwrap();
+                                    "parameters": { "binary_data_size": raw.len() } }] });
+    let resp = server.infer_binary("/v2/models/st/infer", &head, &raw).await;
     let status = resp.status().as_u16();
     refused(status, &resp.json().await.unwrap(), "element 1 is not UTF-8");
 

@@ -3,14 +3,20 @@
 //!     offline MODEL_FILE [BATCH_SIZES] [SECONDS_PER_SIZE]
 //!
 //! `ONNX_BACKEND=ort` runs ONNX models on ONNX Runtime (a build with `--features ort`).
+//! `DEVICE=cuda:0` (a build with `--features cuda`) runs on that device and also runs every batch
+//! on the CPU, printing the largest relative difference of the outputs (`max_rel_diff`), for
+//! `bench/gpu/run.sh`.
 //! MODEL_FILE is what a push takes: `.onnx`, `.safetensors` or a `.tar` of a model directory.
-//! Feeds zeros (variable trailing dims get `SYNTHETIC_SEQ_LEN`; a text model gets
-//! `SYNTHETIC_TEXT`, tokenised once beforehand) to the prepared model, one batch after another on
-//! this thread, and prints JSON lines: batch size, batches/s, rows/s.
+//! Feeds synthetic inputs (zeros for integers, a fixed pattern for floats; variable trailing dims
+//! get `SYNTHETIC_SEQ_LEN`; a text model gets `SYNTHETIC_TEXT`, tokenised once beforehand) to the
+//! prepared model, one batch after another on this thread, and prints JSON lines: batch size,
+//! batches/s, rows/s, milliseconds per batch.
 
 use std::time::{Duration, Instant};
 
-use algolink_engine::{LoadOptions, ModelFiles, OnnxBackend, load_model, zero_inputs};
+use algolink_engine::{
+    DataType, Device, DeviceRequest, LoadOptions, ModelFiles, OnnxBackend, Tensor, load_model, zero_inputs,
+};
 use algolink_registry::{ArtifactLimits, Format, unpack};
 
 fn main() -> anyhow::Result<()> {
@@ -29,10 +35,19 @@ fn main() -> anyhow::Result<()> {
         Ok("ort") => OnnxBackend::Ort,
         _ => OnnxBackend::Tract,
     };
-    let options = LoadOptions { warmup_batch_sizes: sizes.clone(), onnx_backend, ..Default::default() };
+    let device = std::env::var("DEVICE").unwrap_or_else(|_| "cpu".into()).parse::<DeviceRequest>()?.resolve()?;
+    let options = LoadOptions { device, warmup_batch_sizes: sizes.clone(), onnx_backend };
     let model = load_model(&files, &options)?;
+    let cpu = match device {
+        Device::Cpu => None,
+        _ => Some(load_model(&files, &LoadOptions { device: Device::Cpu, ..options.clone() })?),
+    };
     for n in sizes {
-        let inputs = model.preprocess(zero_inputs(model.signature(), n)?)?;
+        let inputs = model.preprocess(pattern(zero_inputs(model.signature(), n)?)?)?;
+        let max_rel_diff = match &cpu {
+            Some(cpu) => Some(max_rel_diff(&model.run(inputs.clone())?, &cpu.run(inputs.clone())?)?),
+            None => None,
+        };
         let start = Instant::now();
         let mut batches = 0u64;
         while start.elapsed() < Duration::from_secs_f64(seconds) {
@@ -42,8 +57,40 @@ fn main() -> anyhow::Result<()> {
         let per_s = batches as f64 / start.elapsed().as_secs_f64();
         println!(
             "{}",
-            serde_json::json!({ "model": path, "batch": n, "batches_per_s": per_s, "rows_per_s": per_s * n as f64 })
+            serde_json::json!({ "model": path, "device": device.to_string(), "batch": n, "batches_per_s": per_s,
+                                "rows_per_s": per_s * n as f64, "ms_per_batch": 1e3 / per_s,
+                                "max_rel_diff": max_rel_diff })
         );
     }
     Ok(())
+}
+
+/// Float inputs get a fixed pattern in [-0.5, 0.5) (zeros would hide differences).
+fn pattern(inputs: Vec<Tensor>) -> anyhow::Result<Vec<Tensor>> {
+    inputs
+        .into_iter()
+        .map(|t| match t.dtype {
+            DataType::F32 => {
+                let values: Vec<f32> = (0..t.numel()).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+                Ok(Tensor::from_f32(t.shape, &values)?)
+            }
+            _ => Ok(t),
+        })
+        .collect()
+}
+
+/// The largest |a - b| / max(|b|, 1e-3) over every float output.
+fn max_rel_diff(a: &[Tensor], b: &[Tensor]) -> anyhow::Result<f64> {
+    let mut worst = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        anyhow::ensure!(x.shape == y.shape, "shapes differ: {:?} and {:?}", x.shape, y.shape);
+        if x.dtype == DataType::F32 {
+            for (p, q) in x.to_f32()?.iter().zip(y.to_f32()?) {
+                worst = worst.max(f64::from((p - q).abs()) / f64::from(q.abs()).max(1e-3));
+            }
+        } else {
+            anyhow::ensure!(x == y, "{} outputs differ", x.dtype);
+        }
+    }
+    Ok(worst)
 }

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU check of #4 (acceptance 6), in one run of a few minutes on a machine with an NVIDIA GPU,
+# the driver, and a Python with torch, transformers and safetensors (no Rust, no internet needed):
+#
+# 1. CUDA results against CPU results: `offline` with DEVICE=cuda:0 runs every batch on both and
+#    prints the largest relative difference (want <= 1e-3), for the MLP 256-1024-1024-10 and a BERT
+#    shaped like all-MiniLM-L6-v2 taking text, at batch 1, 8, 32 and 128.
+# 2. Engine throughput and batch-1 latency on the GPU, against PyTorch eager on the same GPU
+#    (want AlgoLink batch-1 <= 1.2x eager).
+# 3. Served: the server on cuda:0, concurrency 1 and 64, against the best offline rate (want >= 0.9).
+#
+# Prepare here (no GPU needed): bench/gpu/prepare.sh builds the cuda binaries with
+# ../shared/gpu/build-cuda and packs them into bench/gpu/bin.tgz (ignored by git; carry it).
+# Run there: bench/gpu/run.sh; every figure lands in $OUT (default bench/gpu/out): results.jsonl,
+# summary.txt, the server log.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-$here/out}
+mkdir -p "$out"
+work=$(mktemp -d /tmp/algolink-gpu.XXXXXX)
+pid=""
+cleanup() { [[ -n $pid ]] && kill "$pid" 2>/dev/null || true; }
+trap cleanup EXIT
+export RUST_BACKTRACE=0
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1 || true
+# the CUDA libraries the binaries link: torch's own, when the system has none
+cu=$("$py" -c 'import nvidia, os; print(os.path.join(os.path.dirname(nvidia.__path__[0]), "nvidia", "cu13", "lib"))' 2>/dev/null || true)
+[[ -n $cu && -d $cu ]] && export LD_LIBRARY_PATH=$cu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+tar xzf "$here/bin.tgz" -C "$work"
+bin=$work/bin
+
+{
+  "$py" "$here/models.py" "$work"
+  for m in mlp.safetensors encoder.tar; do
+    DEVICE=cuda:0 "$bin/offline" "$work/$m" 1,8,32,128 2
+    "$bin/offline" "$work/$m" 1,8 1 | sed 's/"device":"cpu"/"device":"cpu","cpu_only":true/'
+  done
+
+  printf '[defaults]\ndevice = "cuda:0"\nwarmup_batch_sizes = [1, 2, 4, 8, 16, 32, 64]\n' >"$work/gpu.toml"
+  "$bin/algolink" serve --config "$work/gpu.toml" --data "$work/data" --http 127.0.0.1:18500 >"$out/server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 300); do curl -sf 127.0.0.1:18500/v2/health/ready >/dev/null && break; sleep 0.2; done
+  curl -sf --data-binary @"$work/mlp.safetensors" 127.0.0.1:18500/v1/models/mlp/versions >/dev/null
+  curl -sf --data-binary @"$work/encoder.tar" 127.0.0.1:18500/v1/models/encoder/versions >/dev/null
+  "$bin/algolink-bench" --url http://127.0.0.1:18500 --model mlp --request "$work/mlp.json" -c 1,64 --binary --label served-mlp
+  "$bin/algolink-bench" --url http://127.0.0.1:18500 --model encoder --request "$work/text.json" -c 1,64 --label served-encoder
+} | tee "$out/results.jsonl"
+
+"$py" - "$out/results.jsonl" <<'PY' | tee "$out/summary.txt"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+eager = {r["label"]: r["ms"] for r in rows if r.get("label", "").startswith("torch-eager")}
+for model, key in [("mlp.safetensors", "mlp"), ("encoder.tar", "encoder")]:
+    gpu = [r for r in rows if r.get("model", "").endswith(model) and r.get("device") == "cuda:0"]
+    worst = max(r["max_rel_diff"] for r in gpu)
+    best = max(gpu, key=lambda r: r["rows_per_s"])
+    b1 = next(r for r in gpu if r["batch"] == 1)
+    served = [r for r in rows if r.get("label") == f"served-{key}"]
+    sat = max(served, key=lambda r: r["concurrency"])
+    print(f"{key}: CUDA vs CPU largest relative difference {worst:.2e} (want <= 1e-3)")
+    print(f"{key}: batch-1 {b1['ms_per_batch']:.3f} ms vs PyTorch eager {eager['torch-eager-' + key]:.3f} ms"
+          f" = {b1['ms_per_batch'] / eager['torch-eager-' + key]:.2f}x (want <= 1.2)")
+    print(f"{key}: served at c={sat['concurrency']} {sat['rps']:.0f} req/s vs offline best {best['rows_per_s']:.0f} rows/s"
+          f" (batch {best['batch']}) = {sat['rps'] / best['rows_per_s']:.2f} (want >= 0.9)")
+PY
