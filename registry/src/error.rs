@@ -1,6 +1,8 @@
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("invalid model name {0:?}: use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit")]
+    #[error(
+        "invalid model name {0:?}: use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit, optionally after a namespace and a slash (team/model); the model part may not be a word of the API's paths (infer, versions, ...)"
+    )]
     InvalidName(String),
     #[error("model {0:?} not found")]
     ModelNotFound(String),
@@ -20,6 +22,14 @@ pub enum RegistryError {
     TooLarge { limit: u64 },
     #[error("stored file {sha256} is corrupt: its content no longer matches its hash")]
     Corrupt { sha256: String },
+    #[error("{0}")]
+    InvalidAccess(String),
+    #[error("namespace {0:?} not found")]
+    NamespaceNotFound(String),
+    #[error("user {0:?} not found")]
+    UserNotFound(String),
+    #[error("token {0:?} not found")]
+    TokenNotFound(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("storage error: {0}")]

@@ -5,6 +5,7 @@
 //! parameter; metadata lives in SQL (SQLite embedded; the queries stay portable for PostgreSQL),
 //! files in a [`BlobStore`] (local disk; S3-compatible storage later behind the same trait).
 
+pub mod access;
 mod artifact;
 mod blob;
 mod error;
@@ -21,5 +22,5 @@ pub use error::RegistryError;
 pub use lifecycle::validate_alias;
 pub use lifecycle_store::{Event, EventFilter};
 pub use manager::Manager;
-pub use names::validate_model_name;
+pub use names::{PATH_WORDS, validate_model_name};
 pub use store::{ModelRecord, Registry, VersionRecord, VersionState};

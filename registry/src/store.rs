@@ -15,7 +15,7 @@ use crate::{RegistryError, validate_model_name};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never edit
 /// one that shipped: append a new one.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE IF NOT EXISTS models (
     name          TEXT PRIMARY KEY,
@@ -83,6 +83,35 @@ CREATE TABLE webhook_cursors (
     url        TEXT PRIMARY KEY,
     last_event INTEGER NOT NULL
 );
+"#,
+    r#"
+CREATE TABLE namespaces (
+    name          TEXT PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL
+);
+INSERT INTO namespaces (name, created_at_ms) VALUES ('default', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    owner         BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE members (
+    namespace TEXT NOT NULL REFERENCES namespaces(name),
+    user      TEXT NOT NULL REFERENCES users(name),
+    role      TEXT NOT NULL,
+    PRIMARY KEY (namespace, user)
+);
+CREATE TABLE tokens (
+    id            TEXT PRIMARY KEY,
+    user          TEXT NOT NULL REFERENCES users(name),
+    namespace     TEXT REFERENCES namespaces(name),
+    description   TEXT NOT NULL,
+    hash          BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    revoked_at_ms INTEGER
+);
+CREATE INDEX tokens_by_user ON tokens(user);
 "#,
 ];
 

@@ -4,19 +4,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use algolink_engine::{InferRequest, TensorSpec};
-use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::handler::Handler;
+use axum::http::Method;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{MethodFilter, MethodRouter};
+use axum::{Extension, Router};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use algolink_registry::access::{Role, namespace_of};
+
+use crate::auth::{Access, Caller};
 use crate::error::ApiError;
 use crate::oip;
 use crate::state::{AppState, Servable};
@@ -26,43 +31,103 @@ pub const EXTENSIONS: [&str; 4] = ["binary_tensor_data", "model_repository", "st
 
 type St = State<Arc<AppState>>;
 
+/// One route: method, path, who may call it (enforced by [`crate::auth::authorize`]), handler.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+    handler: MethodRouter<Arc<AppState>>,
+}
+
+fn r<H, T>(method: Method, path: &'static str, access: Access, handler: H) -> Route
+where
+    H: Handler<T, Arc<AppState>>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a routable method");
+    Route { method, path, access, handler: axum::routing::on(filter, handler) }
+}
+
+/// Every route with its access rule: this list is the router, so no route exists without a
+/// rule (and the role test walks it).
+pub fn routes() -> Vec<Route> {
+    use crate::auth as a;
+    use Access::{Authenticated, Experiment, Handler, Model, Namespace, Owner, Public};
+    use Method as M;
+    use Role::{Admin, Predictor, Publisher, Viewer};
+    vec![
+        r(M::GET, "/v2", Public, server_metadata),
+        r(M::GET, "/v2/health/live", Public, live),
+        r(M::GET, "/v2/health/ready", Public, ready),
+        r(M::GET, "/v2/models/stats", Authenticated, all_stats),
+        r(M::GET, "/v2/models/{name}", Model(Viewer), model_metadata),
+        r(M::GET, "/v2/models/{name}/ready", Model(Viewer), model_ready),
+        r(M::POST, "/v2/models/{name}/infer", Model(Predictor), infer),
+        r(M::GET, "/v2/models/{name}/stats", Model(Viewer), model_stats),
+        r(M::GET, "/v2/models/{name}/versions/{version}", Model(Viewer), model_metadata_v),
+        r(M::GET, "/v2/models/{name}/versions/{version}/ready", Model(Viewer), model_ready_v),
+        r(M::POST, "/v2/models/{name}/versions/{version}/infer", Model(Predictor), infer_v),
+        r(M::GET, "/v2/models/{name}/versions/{version}/stats", Model(Viewer), model_stats_v),
+        r(M::POST, "/v2/repository/index", Authenticated, repository_index),
+        r(M::POST, "/v2/repository/models/{name}/load", Model(Publisher), repository_load),
+        r(M::POST, "/v2/repository/models/{name}/unload", Model(Publisher), repository_unload),
+        r(M::GET, "/v1/models", Authenticated, list_models),
+        r(M::GET, "/v1/models/{name}", Model(Viewer), get_model),
+        r(M::POST, "/v1/models/{name}/versions", Model(Publisher), push_version),
+        r(M::DELETE, "/v1/models/{name}/versions/{version}", Model(Admin), delete_version),
+        r(M::PATCH, "/v1/models/{name}/versions/{version}", Model(Publisher), patch_version),
+        r(M::PUT, "/v1/models/{name}/aliases/{alias}", Model(Publisher), set_alias),
+        r(M::DELETE, "/v1/models/{name}/aliases/{alias}", Model(Publisher), delete_alias),
+        r(M::GET, "/v1/models/{name}/policy", Model(Viewer), get_policy),
+        r(M::PUT, "/v1/models/{name}/policy", Model(Publisher), put_policy),
+        r(M::GET, "/v1/models/{name}/route", Model(Viewer), get_route),
+        r(M::PUT, "/v1/models/{name}/route", Model(Publisher), put_route),
+        r(M::DELETE, "/v1/models/{name}/route", Model(Publisher), delete_route),
+        r(M::GET, "/v1/models/{name}/rollout", Model(Viewer), get_rollout),
+        r(M::POST, "/v1/models/{name}/rollout", Model(Publisher), start_rollout),
+        r(M::DELETE, "/v1/models/{name}/rollout", Model(Publisher), abort_rollout),
+        r(M::POST, "/v1/models/{name}/rollout/promote", Model(Publisher), promote_rollout),
+        r(M::POST, "/v1/models/{name}/experiments", Model(Publisher), start_experiment),
+        r(M::GET, "/v1/experiments", Authenticated, list_experiments),
+        r(M::GET, "/v1/experiments/{id}", Experiment(Viewer), get_experiment),
+        r(M::POST, "/v1/experiments/{id}/stop", Experiment(Publisher), stop_experiment),
+        r(M::POST, "/v1/experiments/{id}/conclude", Experiment(Publisher), conclude_experiment),
+        r(M::POST, "/v1/feedback", Handler("predictor in the namespace of each item's model"), feedback),
+        r(M::GET, "/v1/events", Authenticated, events),
+        r(M::GET, "/metrics", Authenticated, metrics),
+        r(M::GET, "/v1/whoami", Authenticated, a::whoami),
+        r(M::GET, "/v1/namespaces", Authenticated, a::list_namespaces),
+        r(M::POST, "/v1/namespaces", Owner, a::create_namespace),
+        r(M::GET, "/v1/namespaces/{ns}/members", Namespace(Admin), a::members),
+        r(M::PUT, "/v1/namespaces/{ns}/members/{user}", Namespace(Admin), a::set_member),
+        r(M::DELETE, "/v1/namespaces/{ns}/members/{user}", Namespace(Admin), a::remove_member),
+        r(M::POST, "/v1/users", Owner, a::create_user),
+        r(
+            M::POST,
+            "/v1/tokens",
+            Handler("for yourself; for a member of a namespace you administer, confined to it; for anyone: the owner"),
+            a::create_token,
+        ),
+        r(M::GET, "/v1/tokens", Handler("your own; ?namespace=N: N's admins; ?all=true: the owner"), a::list_tokens),
+        r(
+            M::DELETE,
+            "/v1/tokens/{id}",
+            Handler("your own; one confined to a namespace you administer; any: the owner"),
+            a::revoke_token,
+        ),
+    ]
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready))
-        .route("/v2/models/stats", get(all_stats))
-        .route("/v2/models/{name}", get(model_metadata))
-        .route("/v2/models/{name}/ready", get(model_ready))
-        .route("/v2/models/{name}/infer", post(infer))
-        .route("/v2/models/{name}/stats", get(model_stats))
-        .route("/v2/models/{name}/versions/{version}", get(model_metadata_v))
-        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_v))
-        .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
-        .route("/v2/models/{name}/versions/{version}/stats", get(model_stats_v))
-        .route("/v2/repository/index", post(repository_index))
-        .route("/v2/repository/models/{name}/load", post(repository_load))
-        .route("/v2/repository/models/{name}/unload", post(repository_unload))
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{name}", get(get_model))
-        .route("/v1/models/{name}/versions", post(push_version))
-        .route("/v1/models/{name}/versions/{version}", delete(delete_version).patch(patch_version))
-        .route("/v1/models/{name}/aliases/{alias}", put(set_alias).delete(delete_alias))
-        .route("/v1/models/{name}/policy", get(get_policy).put(put_policy))
-        .route("/v1/models/{name}/route", get(get_route).put(put_route).delete(delete_route))
-        .route("/v1/models/{name}/rollout", get(get_rollout).post(start_rollout).delete(abort_rollout))
-        .route("/v1/models/{name}/rollout/promote", post(promote_rollout))
-        .route("/v1/models/{name}/experiments", post(start_experiment))
-        .route("/v1/experiments", get(list_experiments))
-        .route("/v1/experiments/{id}", get(get_experiment))
-        .route("/v1/experiments/{id}/stop", post(stop_experiment))
-        .route("/v1/experiments/{id}/conclude", post(conclude_experiment))
-        .route("/v1/feedback", post(feedback))
-        .route("/v1/events", get(events))
-        .route("/metrics", get(metrics))
-        // Bodies are read with our own limits (inference) or streamed to disk (uploads).
-        .layer(DefaultBodyLimit::disable())
-        .with_state(state)
+    let mut router = Router::new();
+    for route in routes() {
+        let check = axum::middleware::from_fn_with_state((state.clone(), route.access), crate::auth::authorize);
+        router = router.route(route.path, route.handler.route_layer(check));
+    }
+    // Bodies are read with our own limits (inference) or streamed to disk (uploads).
+    let routed = router.layer(DefaultBodyLimit::disable()).with_state(state);
+    // `team/model` in a path becomes one segment before routing.
+    Router::new().fallback_service(routed).layer(axum::middleware::from_fn(crate::auth::rewrite_namespaced))
 }
 
 async fn live() -> StatusCode {
@@ -334,14 +399,18 @@ struct IndexRequest {
     ready: bool,
 }
 
-async fn repository_index(State(st): St, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
+async fn repository_index(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
     let req: IndexRequest = if body.is_empty() {
         IndexRequest::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("malformed index request: {e}")))?
     };
     let mut out = Vec::new();
-    for model in st.registry.models().await? {
+    for model in st.registry.models().await?.into_iter().filter(|m| caller.sees(&m.name)) {
         for v in model.versions {
             let loaded = st.manager.get(&model.name, Some(v.version)).is_some();
             if req.ready && !loaded {
@@ -391,23 +460,23 @@ fn stats_json(name: &str, version: u64, s: &algolink_engine::Stats) -> Value {
     })
 }
 
-fn stats_filtered(st: &AppState, name: Option<&str>, version: Option<u64>) -> axum::Json<Value> {
+fn stats_filtered(st: &AppState, caller: &Caller, name: Option<&str>, version: Option<u64>) -> axum::Json<Value> {
     let list: Vec<Value> = st
         .all_stats()
         .iter()
-        .filter(|((n, v), _)| name.is_none_or(|x| x == n) && version.is_none_or(|x| x == *v))
+        .filter(|((n, v), _)| name.is_none_or(|x| x == n) && version.is_none_or(|x| x == *v) && caller.sees(n))
         .map(|((n, v), s)| stats_json(n, *v, s))
         .collect();
     axum::Json(json!({ "model_stats": list }))
 }
 
-async fn all_stats(State(st): St) -> axum::Json<Value> {
-    stats_filtered(&st, None, None)
+async fn all_stats(State(st): St, Extension(caller): Extension<Caller>) -> axum::Json<Value> {
+    stats_filtered(&st, &caller, None, None)
 }
 
 async fn model_stats(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
     st.registry.model(&name).await?;
-    Ok(stats_filtered(&st, Some(&name), None))
+    Ok(stats_filtered(&st, &Caller::Open, Some(&name), None))
 }
 
 async fn model_stats_v(
@@ -416,7 +485,7 @@ async fn model_stats_v(
 ) -> Result<axum::Json<Value>, ApiError> {
     let v = parse_version(&st, &name, &version)?;
     st.registry.version(&name, v).await?;
-    Ok(stats_filtered(&st, Some(&name), Some(v)))
+    Ok(stats_filtered(&st, &Caller::Open, Some(&name), Some(v)))
 }
 
 fn model_json(st: &AppState, m: &algolink_registry::ModelRecord) -> Value {
@@ -461,9 +530,9 @@ fn parse_json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiErro
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed {what}: {e}")))
 }
 
-async fn list_models(State(st): St) -> Result<axum::Json<Value>, ApiError> {
+async fn list_models(State(st): St, Extension(caller): Extension<Caller>) -> Result<axum::Json<Value>, ApiError> {
     let models = st.registry.models().await?;
-    Ok(axum::Json(Value::Array(models.iter().map(|m| model_json(&st, m)).collect())))
+    Ok(axum::Json(Value::Array(models.iter().filter(|m| caller.sees(&m.name)).map(|m| model_json(&st, m)).collect())))
 }
 
 async fn get_model(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
@@ -488,6 +557,12 @@ async fn push_version(
     body: Body,
 ) -> Result<Response, ApiError> {
     let params = query(params)?;
+    let namespace = namespace_of(&name);
+    if st.auth.enabled && !st.registry.namespace_exists(namespace).await? {
+        return Err(ApiError::NotFound(format!(
+            "namespace {namespace:?} does not exist: the owner creates it (POST /v1/namespaces)"
+        )));
+    }
     let limit = st.config.server.max_upload_bytes;
     if declared_length(&headers).is_some_and(|n| n > limit) {
         // Refuse before reading a byte; a body without Content-Length is cut at the limit instead.
@@ -614,10 +689,12 @@ struct ExperimentQuery {
 
 async fn list_experiments(
     State(st): St,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<ExperimentQuery>, QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let q = query(q)?;
-    let list = st.registry.experiments(q.model.as_deref()).await?;
+    let mut list = st.registry.experiments(q.model.as_deref()).await?;
+    list.retain(|e| caller.sees(&e.model));
     Ok(axum::Json(serde_json::to_value(list).unwrap_or(Value::Null)))
 }
 
@@ -642,12 +719,19 @@ async fn conclude_experiment(
     Ok(axum::Json(st.end_experiment(parse_id(&id)?, Some(c)).await?))
 }
 
-async fn feedback(State(st): St, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
+async fn feedback(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
     let items = match parse_json::<Value>(&body, "feedback")? {
         v @ Value::Array(_) => serde_json::from_value::<Vec<crate::control::Feedback>>(v),
         v => serde_json::from_value::<crate::control::Feedback>(v).map(|f| vec![f]),
     }
     .map_err(|e| ApiError::BadRequest(format!("malformed feedback: {e}")))?;
+    for f in &items {
+        caller.require(namespace_of(&f.model), Role::Predictor)?;
+    }
     Ok(axum::Json(st.feedback(items).await?))
 }
 
@@ -660,14 +744,29 @@ struct EventQuery {
     limit: Option<u32>,
 }
 
-async fn events(State(st): St, q: Result<Query<EventQuery>, QueryRejection>) -> Result<axum::Json<Value>, ApiError> {
+/// The event log, in order; a caller sees the events of the models it may see.
+async fn events(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<EventQuery>, QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
     let q = query(q)?;
-    let filter = algolink_registry::EventFilter {
-        model: q.model,
-        kind: q.kind,
-        after: q.after,
-        limit: q.limit.unwrap_or(100).min(1000),
-    };
-    let list = st.registry.events(&filter).await?;
+    if let Some(model) = &q.model {
+        caller.require(namespace_of(model), Role::Viewer)?;
+    }
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let mut filter = algolink_registry::EventFilter { model: q.model, kind: q.kind, after: q.after, limit };
+    let mut list = Vec::new();
+    // Filtering by namespace may thin a page out: read on until the page is full or the log ends.
+    loop {
+        let page = st.registry.events(&filter).await?;
+        let (read, last) = (page.len(), page.last().map(|e| e.id));
+        list.extend(page.into_iter().filter(|e| caller.sees(&e.model)));
+        if read < filter.limit as usize || list.len() >= limit as usize {
+            break;
+        }
+        filter.after = last;
+    }
+    list.truncate(limit as usize);
     Ok(axum::Json(serde_json::to_value(list).unwrap_or(Value::Null)))
 }

@@ -12,6 +12,12 @@ use serde_json::json;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// The server client commands talk to.
+    #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
+    pub server: String,
+    /// Bearer token for a server with auth on (`algolink token create` makes one).
+    #[arg(long, env = "ALGOLINK_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -33,41 +39,28 @@ pub enum Command {
         path: PathBuf,
         #[arg(long)]
         name: String,
-        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000")]
-        server: String,
     },
     /// List models and their versions.
-    Models {
-        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000")]
-        server: String,
-    },
+    Models,
     /// Point aliases (`champion`, `challenger`, any name) at versions.
     Alias {
         #[command(subcommand)]
         action: AliasAction,
-        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
-        server: String,
     },
     /// Split a model's traffic between versions or aliases, and mirror some to a shadow.
     Route {
         #[command(subcommand)]
         action: RouteAction,
-        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
-        server: String,
     },
     /// Roll a canary out by steps behind health gates, or stop it.
     Rollout {
         #[command(subcommand)]
         action: RolloutAction,
-        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
-        server: String,
     },
     /// Compare a route's variants on a business outcome with an always-valid sequential test.
     Experiment {
         #[command(subcommand)]
         action: ExperimentAction,
-        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000", global = true)]
-        server: String,
     },
     /// The lifecycle event log.
     Events {
@@ -77,9 +70,94 @@ pub enum Command {
         kind: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        #[arg(long, env = "ALGOLINK_URL", default_value = "http://127.0.0.1:8000")]
-        server: String,
     },
+    /// Who the token is: user, owner or not, roles per namespace.
+    Whoami,
+    /// Bearer tokens: create (prints only the token, for `export ALGOLINK_TOKEN=$(...)`), list, revoke.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Namespaces (one per team) own models named `team/model`.
+    Namespace {
+        #[command(subcommand)]
+        action: NamespaceAction,
+    },
+    /// Who holds which role in a namespace: viewer, predictor, publisher, admin.
+    Member {
+        #[command(subcommand)]
+        action: MemberAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenAction {
+    /// `token create --user ann --namespace team --expires 30d`
+    Create {
+        /// Default: yourself.
+        #[arg(long)]
+        user: Option<String>,
+        /// Confine the token to one namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Lifetime: 90s, 30m, 12h, 30d (default: until revoked).
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Your tokens; a namespace's (its admins); everyone's (`--all`, the owner).
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NamespaceAction {
+    /// (owner) `namespace create team`
+    Create {
+        name: String,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MemberAction {
+    /// `member set team ann publisher` (creates the user if new)
+    Set {
+        namespace: String,
+        user: String,
+        role: String,
+    },
+    /// Removes the user and revokes its tokens confined to the namespace.
+    Rm {
+        namespace: String,
+        user: String,
+    },
+    List {
+        namespace: String,
+    },
+}
+
+/// `90`, `90s`, `30m`, `12h`, `30d` → seconds.
+fn parse_duration_s(text: &str) -> anyhow::Result<f64> {
+    let (number, unit) = text.find(|c: char| c.is_ascii_alphabetic()).map_or((text, "s"), |i| text.split_at(i));
+    let n: f64 =
+        number.trim().parse().with_context(|| format!("{text:?}: expected a duration like 30m, 12h or 30d"))?;
+    let scale = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        other => anyhow::bail!("{text:?}: unknown unit {other:?} (use s, m, h or d)"),
+    };
+    Ok(n * scale)
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,14 +264,67 @@ pub enum ExperimentAction {
 }
 
 /// Runs a client command against a server.
-pub async fn run(command: Command) -> anyhow::Result<()> {
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let pretty = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    match command {
+    let api = Api::new(&cli.server, cli.token);
+    match cli.command {
         Command::Serve { config, data, http } => serve(config, data, http).await,
-        Command::Push { path, name, server } => push(path, name, server).await,
-        Command::Models { server } => models(server).await,
-        Command::Alias { action, server } => {
-            let api = Api::new(&server);
+        Command::Push { path, name } => push(&api, path, name).await,
+        Command::Models => models(&api).await,
+        Command::Whoami => {
+            pretty(api.call("GET", "/v1/whoami", None).await?);
+            Ok(())
+        }
+        Command::Token { action } => {
+            match action {
+                TokenAction::Create { user, namespace, expires, description } => {
+                    let expires_in_s = expires.as_deref().map(parse_duration_s).transpose()?;
+                    let body = json!({ "user": user, "namespace": namespace, "expires_in_s": expires_in_s, "description": description });
+                    let made = api.call("POST", "/v1/tokens", Some(body)).await?;
+                    eprintln!(
+                        "token {} for {}{} (shown once; keep it secret)",
+                        made["id"].as_str().unwrap_or("?"),
+                        made["user"].as_str().unwrap_or("?"),
+                        made["namespace"].as_str().map(|n| format!(", confined to {n}")).unwrap_or_default()
+                    );
+                    println!("{}", made["token"].as_str().unwrap_or_default());
+                }
+                TokenAction::List { namespace, all } => {
+                    let mut q = format!("?all={all}");
+                    if let Some(ns) = namespace {
+                        q.push_str(&format!("&namespace={ns}"));
+                    }
+                    pretty(api.call("GET", &format!("/v1/tokens{q}"), None).await?);
+                }
+                TokenAction::Revoke { id } => pretty(api.call("DELETE", &format!("/v1/tokens/{id}"), None).await?),
+            }
+            Ok(())
+        }
+        Command::Namespace { action } => {
+            pretty(match action {
+                NamespaceAction::Create { name } => {
+                    api.call("POST", "/v1/namespaces", Some(json!({ "name": name }))).await?
+                }
+                NamespaceAction::List => api.call("GET", "/v1/namespaces", None).await?,
+            });
+            Ok(())
+        }
+        Command::Member { action } => {
+            pretty(match action {
+                MemberAction::Set { namespace, user, role } => {
+                    let path = format!("/v1/namespaces/{namespace}/members/{user}");
+                    api.call("PUT", &path, Some(json!({ "role": role }))).await?
+                }
+                MemberAction::Rm { namespace, user } => {
+                    api.call("DELETE", &format!("/v1/namespaces/{namespace}/members/{user}"), None).await?
+                }
+                MemberAction::List { namespace } => {
+                    api.call("GET", &format!("/v1/namespaces/{namespace}/members"), None).await?
+                }
+            });
+            Ok(())
+        }
+        Command::Alias { action } => {
             pretty(match action {
                 AliasAction::Set { model, alias, version } => {
                     api.call("PUT", &format!("/v1/models/{model}/aliases/{alias}"), Some(json!({ "version": version })))
@@ -205,8 +336,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Command::Route { action, server } => {
-            let api = Api::new(&server);
+        Command::Route { action } => {
             pretty(match action {
                 RouteAction::Show { model } => api.call("GET", &format!("/v1/models/{model}/route"), None).await?,
                 RouteAction::Clear { model } => api.call("DELETE", &format!("/v1/models/{model}/route"), None).await?,
@@ -229,8 +359,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Command::Rollout { action, server } => {
-            let api = Api::new(&server);
+        Command::Rollout { action } => {
             pretty(match action {
                 RolloutAction::Start { model, canary, control, step, interval, max_weight, deadline } => {
                     let mut body = json!({ "canary": canary });
@@ -266,8 +395,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Command::Experiment { action, server } => {
-            let api = Api::new(&server);
+        Command::Experiment { action } => {
             pretty(match action {
                 ExperimentAction::Start { model, goal, control, alpha, min_effect, max_samples } => {
                     let mut body = json!({ "goal": goal });
@@ -296,14 +424,14 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Command::Events { model, kind, limit, server } => {
+        Command::Events { model, kind, limit } => {
             let mut q = format!("?limit={limit}");
             for (k, v) in [("model", model), ("kind", kind)] {
                 if let Some(v) = v {
                     q.push_str(&format!("&{k}={v}"));
                 }
             }
-            let events = Api::new(&server).call("GET", &format!("/v1/events{q}"), None).await?;
+            let events = api.call("GET", &format!("/v1/events{q}"), None).await?;
             for e in events.as_array().into_iter().flatten() {
                 println!(
                     "{:>6}  {:<14} {:<16} {:>4}  {}",
@@ -323,11 +451,21 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 struct Api {
     base: String,
     client: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Api {
-    fn new(server: &str) -> Api {
-        Api { base: server.trim_end_matches('/').to_string(), client: reqwest::Client::new() }
+    fn new(server: &str, token: Option<String>) -> Api {
+        Api { base: server.trim_end_matches('/').to_string(), client: reqwest::Client::new(), token }
+    }
+
+    /// A request to `path`, with the bearer token when there is one.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
     }
 
     async fn call(
@@ -337,8 +475,7 @@ impl Api {
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);
-        let method = reqwest::Method::from_bytes(method.as_bytes())?;
-        let mut request = self.client.request(method, &url);
+        let mut request = self.request(reqwest::Method::from_bytes(method.as_bytes())?, path);
         if let Some(b) = body {
             request = request.json(&b);
         }
@@ -392,7 +529,7 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn push(path: PathBuf, name: String, server: String) -> anyhow::Result<()> {
+async fn push(api: &Api, path: PathBuf, name: String) -> anyhow::Result<()> {
     let file = tokio::fs::File::open(&path).await.with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().await?.len();
     let bar = indicatif::ProgressBar::new(size);
@@ -404,9 +541,9 @@ pub async fn push(path: PathBuf, name: String, server: String) -> anyhow::Result
     let progress = bar.clone();
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 18)
         .inspect_ok(move |chunk| progress.inc(chunk.len() as u64));
-    let url = format!("{}/v1/models/{name}/versions", server.trim_end_matches('/'));
-    let response = reqwest::Client::new()
-        .post(&url)
+    let url = format!("{}/v1/models/{name}/versions", api.base);
+    let response = api
+        .request(reqwest::Method::POST, &format!("/v1/models/{name}/versions"))
         .header(reqwest::header::CONTENT_LENGTH, size)
         .body(reqwest::Body::wrap_stream(stream))
         .send()
@@ -428,14 +565,8 @@ pub async fn push(path: PathBuf, name: String, server: String) -> anyhow::Result
     Ok(())
 }
 
-pub async fn models(server: String) -> anyhow::Result<()> {
-    let url = format!("{}/v1/models", server.trim_end_matches('/'));
-    let response = reqwest::get(&url).await.with_context(|| format!("asking {url}"))?;
-    let status = response.status();
-    let body: serde_json::Value = response.json().await?;
-    if !status.is_success() {
-        anyhow::bail!("{status}: {}", body["error"].as_str().unwrap_or("no message"));
-    }
+async fn models(api: &Api) -> anyhow::Result<()> {
+    let body = api.call("GET", "/v1/models", None).await?;
     println!("{:<24} {:>8} {:>8}  {:<10} {:>10}  SHA256", "MODEL", "VERSION", "SERVING", "STATE", "SIZE");
     for m in body.as_array().into_iter().flatten() {
         let serving = m["serving_version"].as_u64();

@@ -24,6 +24,56 @@ pub struct Config {
     pub preload: Vec<Preload>,
     /// URLs every lifecycle event is POSTed to.
     pub webhooks: Vec<Webhook>,
+    pub auth: AuthSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// `"auto"`: on unless the server listens on a loopback address only; `"on"`; `"off"`.
+    pub mode: AuthMode,
+    /// Where the first owner's token is written when auth is on and the registry has no owner
+    /// (default: `owner-token` in the data directory).
+    pub owner_token_file: Option<PathBuf>,
+    /// How long a resolved token is trusted before it is looked up again: a revocation made
+    /// on another replica takes this long to bite (one made here bites at once).
+    pub cache_ms: u64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection { mode: AuthMode::Auto, owner_token_file: None, cache_ms: 2000 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Config {
+    /// Whether requests must carry tokens.
+    pub fn auth_enabled(&self) -> bool {
+        match self.auth.mode {
+            AuthMode::On => true,
+            AuthMode::Off => false,
+            AuthMode::Auto => !loopback_only(&self.server.http),
+        }
+    }
+
+    pub fn owner_token_file(&self) -> PathBuf {
+        self.auth.owner_token_file.clone().unwrap_or_else(|| self.server.data_dir.join("owner-token"))
+    }
+}
+
+/// Whether `http` (host:port) binds loopback addresses only.
+fn loopback_only(http: &str) -> bool {
+    let host = http.rsplit_once(':').map_or(http, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -205,6 +255,11 @@ impl Config {
         if config.server.data_dir.is_relative() {
             config.server.data_dir = base.join(&config.server.data_dir);
         }
+        if let Some(f) = &mut config.auth.owner_token_file
+            && f.is_relative()
+        {
+            *f = base.join(&*f);
+        }
         for p in &mut config.preload {
             if p.path.is_relative() {
                 p.path = base.join(&p.path);
@@ -316,6 +371,25 @@ mod tests {
         assert_eq!((s.max_batch_size, s.max_queue_delay_us), (16, 500));
         assert_eq!(s.version_policy.policy(), VersionPolicy::Latest(2));
         assert_eq!(c.settings_for("other").version_policy.policy(), VersionPolicy::Latest(1));
+    }
+
+    #[test]
+    fn auth_auto_is_off_on_loopback_only() {
+        let on = |http: &str, mode: &str| {
+            Config::parse(&format!("[server]\nhttp = \"{http}\"\n[auth]\nmode = \"{mode}\"")).unwrap().auth_enabled()
+        };
+        for (http, want) in [
+            ("127.0.0.1:8000", false),
+            ("localhost:80", false),
+            ("[::1]:8000", false),
+            ("0.0.0.0:8000", true),
+            ("10.1.2.3:1", true),
+        ] {
+            assert_eq!(on(http, "auto"), want, "{http}");
+        }
+        assert!(on("127.0.0.1:8000", "on"));
+        assert!(!on("0.0.0.0:8000", "off"));
+        assert!(Config::parse("[auth]\nmode = \"maybe\"").is_err());
     }
 
     #[test]

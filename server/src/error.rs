@@ -12,6 +12,10 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
@@ -40,6 +44,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -72,14 +78,18 @@ impl From<EngineError> for ApiError {
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::InvalidName(_) | RegistryError::InvalidUpload(_) | RegistryError::InvalidPolicy(_) => {
-                ApiError::BadRequest(e.to_string())
-            }
+            RegistryError::InvalidName(_)
+            | RegistryError::InvalidUpload(_)
+            | RegistryError::InvalidPolicy(_)
+            | RegistryError::InvalidAccess(_) => ApiError::BadRequest(e.to_string()),
             RegistryError::Conflict(_) => ApiError::Conflict(e.to_string()),
             RegistryError::ModelNotFound(_)
             | RegistryError::VersionNotFound { .. }
             | RegistryError::AliasNotFound { .. }
-            | RegistryError::ExperimentNotFound(_) => ApiError::NotFound(e.to_string()),
+            | RegistryError::ExperimentNotFound(_)
+            | RegistryError::NamespaceNotFound(_)
+            | RegistryError::UserNotFound(_)
+            | RegistryError::TokenNotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
             RegistryError::Corrupt { .. } => ApiError::Internal(e.to_string()),
             RegistryError::Database(_) | RegistryError::Io(_) => {
@@ -99,6 +109,11 @@ impl IntoResponse for ApiError {
         if let ApiError::Unavailable { retry_after: Some(d), .. } = &self {
             let secs = d.as_secs_f64().ceil().max(1.0) as u64;
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ApiError::Unauthorized(_) = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"algolink\""));
         }
         response
     }

@@ -2,6 +2,7 @@
 //! behind the Open Inference Protocol v2, the management API and `/metrics`.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -45,6 +46,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.server.http))?;
     let addr = listener.local_addr()?;
     let state = Arc::new(AppState::new(config, registry));
+    crate::auth::bootstrap_owner(&state, &state.config.owner_token_file()).await?;
     state.start().await?;
     let app = api::router(state.clone());
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -60,7 +62,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             })
             .await
     });
-    tracing::info!("listening on http://{addr}");
+    let auth = if state.auth.enabled { "on: requests need a bearer token" } else { "off" };
+    tracing::info!("listening on http://{addr}; auth {auth}");
     Ok(Running { addr, state, shutdown: tx, task })
 }
 

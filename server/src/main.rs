@@ -10,5 +10,5 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    algolink_server::cli::run(Cli::parse().command).await
+    algolink_server::cli::run(Cli::parse()).await
 }

@@ -136,6 +136,16 @@ pub fn render(st: &AppState) -> String {
         histogram(out, "algolink_batch_size", l, &s.batch_size)
     });
     lifecycle(&mut out, st);
+    family(
+        &mut out,
+        "algolink_auth_denied_total",
+        "counter",
+        "Requests refused for want of a valid token (401) or of a role (403).",
+    );
+    for (reason, n) in [("unauthenticated", &st.auth.denied_unauthenticated), ("forbidden", &st.auth.denied_forbidden)]
+    {
+        let _ = writeln!(out, "algolink_auth_denied_total{{reason=\"{reason}\"}} {}", n.load(Relaxed));
+    }
     out
 }
 

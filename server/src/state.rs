@@ -38,6 +38,7 @@ impl Servable {
 
 pub struct AppState {
     pub config: Config,
+    pub auth: crate::auth::Auth,
     pub registry: Registry,
     pub manager: Manager<Servable>,
     /// Counters per (model, version), kept after unload so Prometheus counters never go back.
@@ -71,6 +72,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: Config, registry: Registry) -> AppState {
         AppState {
+            auth: crate::auth::Auth::new(config.auth_enabled(), std::time::Duration::from_millis(config.auth.cache_ms)),
             config,
             registry,
             manager: Manager::default(),
@@ -159,9 +161,13 @@ impl AppState {
         }
     }
 
-    /// Appends to the event log and wakes the webhooks. A failure to record is logged, not
-    /// returned: the change it describes has already happened.
-    pub async fn event(&self, name: &str, version: Option<u64>, kind: &str, message: &str, detail: Value) {
+    /// Appends to the event log (with the user whose request made the change, as `by`) and
+    /// wakes the webhooks. A failure to record is logged, not returned: the change it describes
+    /// has already happened.
+    pub async fn event(&self, name: &str, version: Option<u64>, kind: &str, message: &str, mut detail: Value) {
+        if let (Ok(by), Some(fields)) = (crate::auth::ACTOR.try_with(String::clone), detail.as_object_mut()) {
+            fields.insert("by".into(), Value::String(by));
+        }
         tracing::info!(model = name, version, kind, "{message}");
         match self.registry.append_event(name, version, kind, message, detail).await {
             Ok(_) => self.events_appended.notify_waiters(),

@@ -14,19 +14,13 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-#[tokio::test]
-async fn serve_push_models_and_stop() {
+/// `algolink serve --config` with `extra` appended to a config on a free port; waits for the
+/// line that says it listens. Returns the process, its URL and its directory.
+fn serve(extra: &str) -> (std::process::Child, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = dir.path().join("algolink.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nhttp = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n[[preload]]\nname = \"iris\"\npath = \"{}\"\n",
-            fixtures().join("iris_logreg.onnx").display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[server]\nhttp = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n{extra}")).unwrap();
     let mut server = Command::new(env!("CARGO_BIN_EXE_algolink"))
         .args(["serve", "--config"])
         .arg(&config)
@@ -38,8 +32,29 @@ async fn serve_push_models_and_stop() {
     BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
     assert!(first_line.contains(&format!("127.0.0.1:{port}")), "{first_line}");
     assert!(dir.path().join("data/registry.db").exists(), "data_dir is relative to the config file");
+    (server, format!("http://127.0.0.1:{port}"), dir)
+}
 
-    let url = format!("http://127.0.0.1:{port}");
+/// Runs `algolink ARGS --server URL`: success, stdout, stderr.
+fn cli(url: &str, args: &[&str], token: Option<&str>) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_algolink"));
+    command.args(args).args(["--server", url]).env_remove("ALGOLINK_TOKEN");
+    if let Some(t) = token {
+        command.env("ALGOLINK_TOKEN", t);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn serve_push_models_and_stop() {
+    let preload =
+        format!("[[preload]]\nname = \"iris\"\npath = \"{}\"\n", fixtures().join("iris_logreg.onnx").display());
+    let (mut server, url, _dir) = serve(&preload);
     let client = reqwest::Client::new();
     let body =
         r#"{"inputs":[{"name":"input","shape":[2,4],"datatype":"FP32","data":[[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}]}"#;
@@ -73,14 +88,7 @@ async fn serve_push_models_and_stop() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("push refused (400 Bad Request)"));
 
     // The lifecycle commands, against the same server.
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_algolink")).args(args).args(["--server", &url]).output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let cli = |args: &[&str]| cli(&url, args, None);
     let (ok, out, err) = cli(&["alias", "set", "iris", "champion", "1"]);
     assert!(ok, "{out}{err}");
     let (ok, _, err) = cli(&["route", "set", "iris", "champion=60"]);
@@ -122,4 +130,41 @@ async fn serve_push_models_and_stop() {
         assert!(Instant::now() < deadline, "server did not stop after SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn with_auth_on_the_owner_makes_a_team_and_its_publisher_pushes() {
+    let (mut server, url, dir) = serve("[auth]\nmode = \"on\"\n");
+    let owner = std::fs::read_to_string(dir.path().join("data/owner-token")).unwrap().trim().to_string();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("data/owner-token")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only the server's user reads the owner's token");
+    }
+    let (ok, _, err) = cli(&url, &["models"], None);
+    assert!(!ok && err.contains("401") && err.contains("Authorization: Bearer"), "{err}");
+
+    let (ok, out, err) = cli(&url, &["namespace", "create", "team"], Some(&owner));
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&url, &["member", "set", "team", "ann", "publisher"], Some(&owner));
+    assert!(ok, "{out}{err}");
+    let (ok, token, err) = cli(&url, &["token", "create", "--user", "ann", "--expires", "1d"], Some(&owner));
+    assert!(ok && err.contains("shown once"), "{token}{err}");
+    let ann = token.trim();
+    assert!(ann.starts_with("alk_") && !token.contains(' '), "stdout holds the token alone: {token:?}");
+
+    let iris = fixtures().join("iris_logreg.onnx");
+    let (ok, out, err) = cli(&url, &["push", "--name", "team/iris", iris.to_str().unwrap()], Some(ann));
+    assert!(ok && out.contains("team/iris version 1 (ready)"), "{out}{err}");
+    let (ok, _, err) = cli(&url, &["push", "--name", "default-team-less", iris.to_str().unwrap()], Some(ann));
+    assert!(!ok && err.contains("403") && err.contains("publisher"), "ann is no publisher in `default`: {err}");
+    let (ok, out, _) = cli(&url, &["models"], Some(ann));
+    assert!(ok && out.lines().any(|l| l.starts_with("team/iris")), "{out}");
+    let (ok, out, _) = cli(&url, &["whoami"], Some(ann));
+    assert!(ok && out.contains("\"publisher\""), "{out}");
+    let (ok, out, err) = cli(&url, &["token", "create", "--expires", "soon"], Some(ann));
+    assert!(!ok && err.contains("expected a duration"), "{out}{err}");
+    let _ = server.kill();
+    let _ = server.wait();
 }

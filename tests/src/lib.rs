@@ -93,14 +93,28 @@ impl TestServer {
 
     /// A management API call: JSON in (when given), status and JSON out.
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_as(None, method, path, body.map(|b| b.to_string().into_bytes())).await
+    }
+
+    /// A call with a bearer token (when given) and a raw body (when given); status and JSON out.
+    pub async fn call_as(&self, token: Option<&str>, method: &str, path: &str, body: Option<Vec<u8>>) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut r = self.client.request(method, self.url(path));
-        if let Some(b) = body {
-            r = r.json(&b);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
         }
-        let r = r.send().await.expect("management call");
+        if let Some(b) = body {
+            r = r.header("Content-Type", "application/json").body(b);
+        }
+        let r = r.send().await.expect("call");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The first owner's token, which a server with auth on writes when its registry has none.
+    pub fn owner_token(&self) -> String {
+        let path = self.config.owner_token_file();
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string()
     }
 
     /// Like `call`, asserting a 2xx answer.
