@@ -205,6 +205,14 @@ fn token_record(row: &sqlx::sqlite::SqliteRow) -> TokenRecord {
     }
 }
 
+fn user_record(row: &sqlx::sqlite::SqliteRow) -> UserRecord {
+    UserRecord {
+        name: row.get("name"),
+        owner: row.get("owner"),
+        created_at_ms: row.get::<i64, _>("created_at_ms") as u64,
+    }
+}
+
 impl Registry {
     pub async fn namespace_exists(&self, name: &str) -> Result<bool, RegistryError> {
         Ok(sqlx::query("SELECT 1 FROM namespaces WHERE name = ?")
@@ -226,6 +234,20 @@ impl Registry {
             return Err(RegistryError::Conflict(format!("namespace {name:?} already exists")));
         }
         Ok(NamespaceRecord { name: name.into(), created_at_ms: now, members: BTreeMap::new() })
+    }
+
+    /// The members of one namespace and their roles.
+    pub async fn members(&self, namespace: &str) -> Result<BTreeMap<String, Role>, RegistryError> {
+        if !self.namespace_exists(namespace).await? {
+            return Err(RegistryError::NamespaceNotFound(namespace.into()));
+        }
+        sqlx::query("SELECT user, role FROM members WHERE namespace = ?")
+            .bind(namespace)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.get("user"), r.get::<String, _>("role").parse()?)))
+            .collect()
     }
 
     pub async fn namespaces(&self) -> Result<Vec<NamespaceRecord>, RegistryError> {
@@ -252,16 +274,16 @@ impl Registry {
     /// Creates a user (or makes an existing one an owner when `owner`).
     pub async fn ensure_user(&self, name: &str, owner: bool) -> Result<UserRecord, RegistryError> {
         validate_principal_name("user", name)?;
-        sqlx::query(
+        let row = sqlx::query(
             "INSERT INTO users (name, owner, created_at_ms) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (name) DO UPDATE SET owner = MAX(owner, ?2)",
+             ON CONFLICT (name) DO UPDATE SET owner = MAX(owner, ?2) RETURNING name, owner, created_at_ms",
         )
         .bind(name)
         .bind(owner)
         .bind(now_ms() as i64)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        self.user(name).await?.ok_or_else(|| RegistryError::InvalidAccess(format!("user {name:?} vanished")))
+        Ok(user_record(&row))
     }
 
     pub async fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
@@ -269,11 +291,7 @@ impl Registry {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| UserRecord {
-            name: r.get("name"),
-            owner: r.get("owner"),
-            created_at_ms: r.get::<i64, _>("created_at_ms") as u64,
-        }))
+        Ok(row.as_ref().map(user_record))
     }
 
     pub async fn owner_exists(&self) -> Result<bool, RegistryError> {

@@ -460,23 +460,20 @@ fn stats_json(name: &str, version: u64, s: &algolink_engine::Stats) -> Value {
     })
 }
 
-fn stats_filtered(st: &AppState, caller: &Caller, name: Option<&str>, version: Option<u64>) -> axum::Json<Value> {
-    let list: Vec<Value> = st
-        .all_stats()
-        .iter()
-        .filter(|((n, v), _)| name.is_none_or(|x| x == n) && version.is_none_or(|x| x == *v) && caller.sees(n))
-        .map(|((n, v), s)| stats_json(n, *v, s))
-        .collect();
+/// The statistics of the (model, version) pairs `keep` accepts.
+fn stats_filtered(st: &AppState, keep: impl Fn(&str, u64) -> bool) -> axum::Json<Value> {
+    let list: Vec<Value> =
+        st.all_stats().iter().filter(|((n, v), _)| keep(n, *v)).map(|((n, v), s)| stats_json(n, *v, s)).collect();
     axum::Json(json!({ "model_stats": list }))
 }
 
 async fn all_stats(State(st): St, Extension(caller): Extension<Caller>) -> axum::Json<Value> {
-    stats_filtered(&st, &caller, None, None)
+    stats_filtered(&st, |n, _| caller.sees(n))
 }
 
 async fn model_stats(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
     st.registry.model(&name).await?;
-    Ok(stats_filtered(&st, &Caller::Open, Some(&name), None))
+    Ok(stats_filtered(&st, |n, _| n == name))
 }
 
 async fn model_stats_v(
@@ -485,7 +482,7 @@ async fn model_stats_v(
 ) -> Result<axum::Json<Value>, ApiError> {
     let v = parse_version(&st, &name, &version)?;
     st.registry.version(&name, v).await?;
-    Ok(stats_filtered(&st, &Caller::Open, Some(&name), Some(v)))
+    Ok(stats_filtered(&st, |n, version| n == name && version == v))
 }
 
 fn model_json(st: &AppState, m: &algolink_registry::ModelRecord) -> Value {
@@ -521,13 +518,18 @@ fn traffic_json(st: &AppState, name: &str) -> Value {
 }
 
 /// Query parameters, refused with a 400 that names the problem.
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(t)| t).map_err(|e| ApiError::BadRequest(format!("bad query parameters: {}", e.body_text())))
 }
 
 /// A JSON body, refused with a 400 that names the problem.
 fn parse_json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed {what}: {e}")))
+}
+
+/// Like `parse_json`, an empty body read as `{}` (every field at its default).
+pub(crate) fn parse_json_or_empty<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    parse_json(if body.is_empty() { b"{}" } else { body }, what)
 }
 
 async fn list_models(State(st): St, Extension(caller): Extension<Caller>) -> Result<axum::Json<Value>, ApiError> {
@@ -677,7 +679,7 @@ async fn promote_rollout(State(st): St, Path(name): Path<String>) -> Result<axum
 }
 
 async fn start_experiment(State(st): St, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
-    let spec = if body.is_empty() { parse_json(b"{}", "experiment")? } else { parse_json(&body, "experiment")? };
+    let spec = parse_json_or_empty(&body, "experiment")?;
     Ok((StatusCode::CREATED, axum::Json(st.start_experiment(&name, spec).await?)).into_response())
 }
 

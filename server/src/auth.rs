@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::api::parse_json_or_empty;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -85,13 +86,22 @@ impl Caller {
         self.role_in(namespace_of(model)).is_some()
     }
 
-    pub fn require(&self, namespace: &str, role: Role) -> Result<(), ApiError> {
-        match (self, self.role_in(namespace)) {
-            (_, Some(have)) if have >= role => Ok(()),
-            (Caller::Anonymous, _) => Err(ApiError::Unauthorized(
+    /// A 401 for a caller without a token.
+    pub fn require_token(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Anonymous => Err(ApiError::Unauthorized(
                 "this needs a token: send the header \"Authorization: Bearer <token>\"".into(),
             )),
-            (Caller::User(p), have) => Err(ApiError::Forbidden(format!(
+            _ => Ok(()),
+        }
+    }
+
+    pub fn require(&self, namespace: &str, role: Role) -> Result<(), ApiError> {
+        self.require_token()?;
+        let Caller::User(p) = self else { return Ok(()) }; // auth off
+        match p.role_in(namespace) {
+            Some(have) if have >= role => Ok(()),
+            have => Err(ApiError::Forbidden(format!(
                 "user {:?} needs the role {role} in namespace {namespace:?}{}",
                 p.user,
                 match (have, &p.scope) {
@@ -100,15 +110,16 @@ impl Caller {
                     (None, _) => " (holds no role there)".into(),
                 }
             ))),
-            (Caller::Open, _) => Ok(()),
         }
     }
 
     pub fn require_owner(&self) -> Result<(), ApiError> {
+        self.require_token()?;
         match self {
-            _ if self.is_owner() => Ok(()),
-            Caller::User(p) => Err(ApiError::Forbidden(format!("user {:?} is not the server's owner", p.user))),
-            _ => Err(ApiError::Unauthorized("this needs the owner's token".into())),
+            Caller::User(p) if !p.is_owner() => {
+                Err(ApiError::Forbidden(format!("user {:?} is not the server's owner", p.user)))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -219,18 +230,26 @@ async fn check(st: &AppState, access: Access, parts: &mut axum::http::request::P
         (Err(_), Access::Public) => Caller::Anonymous,
         (Err(e), _) => return Err(e),
     };
-    let params = axum::RequestPartsExt::extract::<Path<HashMap<String, String>>>(parts).await.map(|Path(p)| p);
-    let param = |key: &str| params.as_ref().ok().and_then(|p| p.get(key)).cloned().unwrap_or_default();
-    match access {
-        Access::Public => {}
-        Access::Authenticated | Access::Handler(_) => {
-            if matches!(caller, Caller::Anonymous) {
-                caller.require("", Role::Viewer)?;
-            }
+    // With auth off, or on a public route, there is nothing to check (and no path to read).
+    if matches!(caller, Caller::Open) || access == Access::Public {
+        return Ok(caller);
+    }
+    caller.require_token()?;
+    let params = match access {
+        Access::Model(_) | Access::Namespace(_) | Access::Experiment(_) => {
+            axum::RequestPartsExt::extract::<Path<HashMap<String, String>>>(parts)
+                .await
+                .map(|Path(p)| p)
+                .unwrap_or_default()
         }
+        _ => HashMap::new(),
+    };
+    let param = |key: &str| params.get(key).map_or("", String::as_str);
+    match access {
+        Access::Public | Access::Authenticated | Access::Handler(_) => {}
         Access::Owner => caller.require_owner()?,
-        Access::Model(role) => caller.require(namespace_of(&param("name")), role)?,
-        Access::Namespace(role) => caller.require(&param("ns"), role)?,
+        Access::Model(role) => caller.require(namespace_of(param("name")), role)?,
+        Access::Namespace(role) => caller.require(param("ns"), role)?,
         Access::Experiment(role) => {
             // An unknown experiment gets the handler's 404 only for the owner: the others learn
             // nothing from a refusal.
@@ -241,7 +260,9 @@ async fn check(st: &AppState, access: Access, parts: &mut axum::http::request::P
             match experiment {
                 Some(e) => caller.require(namespace_of(&e.model), role)?,
                 None if caller.is_owner() => {}
-                None => caller.require("", role)?,
+                None => {
+                    return Err(ApiError::Forbidden(format!("experiment {:?} is not one you may see", param("id"))));
+                }
             }
         }
     }
@@ -254,13 +275,13 @@ async fn check(st: &AppState, access: Access, parts: &mut axum::http::request::P
 /// path word, whenever it is not one of the API's words (which model names may not be).
 pub fn join_namespaced(uri: &Uri) -> Option<Uri> {
     let path = uri.path();
-    let rest = ["/v2/models/", "/v1/models/", "/v2/repository/models/", "/ui/models/"]
+    let rest = ["/v2/models/", "/v1/models/", "/v2/repository/models/"]
         .iter()
         .find_map(|prefix| path.strip_prefix(prefix).map(|rest| (prefix, rest)));
     let (prefix, rest) = rest?;
     let mut segments = rest.splitn(3, '/');
     let (ns, model) = (segments.next()?, segments.next()?);
-    if ns.is_empty() || model.is_empty() || PATH_WORDS.contains(&model) || ns == "stats" {
+    if ns.is_empty() || model.is_empty() || PATH_WORDS.contains(&model) {
         return None;
     }
     let tail = segments.next().map(|t| format!("/{t}")).unwrap_or_default();
@@ -314,11 +335,6 @@ fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
 
 type St = State<Arc<AppState>>;
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    let body = if body.is_empty() { b"{}".as_slice() } else { body };
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed {what}: {e}")))
-}
-
 pub async fn whoami(axum::Extension(caller): axum::Extension<Caller>) -> axum::Json<Value> {
     axum::Json(match caller {
         Caller::User(p) => serde_json::to_value(&*p).unwrap_or(Value::Null),
@@ -354,15 +370,13 @@ struct NewNamespace {
 }
 
 pub async fn create_namespace(State(st): St, body: Bytes) -> Result<Response, ApiError> {
-    let req: NewNamespace = parse(&body, "namespace")?;
+    let req: NewNamespace = parse_json_or_empty(&body, "namespace")?;
     let ns = st.registry.create_namespace(&req.name).await?;
     Ok((StatusCode::CREATED, axum::Json(ns)).into_response())
 }
 
 pub async fn members(State(st): St, Path(ns): Path<String>) -> Result<axum::Json<Value>, ApiError> {
-    let found = st.registry.namespaces().await?.into_iter().find(|n| n.name == ns);
-    let ns = found.ok_or_else(|| ApiError::NotFound(format!("namespace {ns:?} not found")))?;
-    Ok(axum::Json(serde_json::to_value(ns.members).unwrap_or(Value::Null)))
+    Ok(axum::Json(serde_json::to_value(st.registry.members(&ns).await?).unwrap_or(Value::Null)))
 }
 
 #[derive(Deserialize)]
@@ -376,7 +390,8 @@ pub async fn set_member(
     Path((ns, user)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let m: Membership = parse(&body, "membership (want {\"role\": \"viewer|predictor|publisher|admin\"})")?;
+    let m: Membership =
+        parse_json_or_empty(&body, "membership (want {\"role\": \"viewer|predictor|publisher|admin\"})")?;
     st.registry.set_member(&ns, &user, m.role).await?;
     st.auth.invalidate();
     Ok(axum::Json(json!({ "namespace": ns, "user": user, "role": m.role })))
@@ -400,7 +415,7 @@ struct NewUser {
 }
 
 pub async fn create_user(State(st): St, body: Bytes) -> Result<Response, ApiError> {
-    let req: NewUser = parse(&body, "user")?;
+    let req: NewUser = parse_json_or_empty(&body, "user")?;
     let user = st.registry.ensure_user(&req.name, req.owner).await?;
     st.auth.invalidate();
     Ok((StatusCode::CREATED, axum::Json(user)).into_response())
@@ -426,7 +441,7 @@ pub async fn create_token(
     axum::Extension(caller): axum::Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: NewToken = parse(&body, "token request")?;
+    let req: NewToken = parse_json_or_empty(&body, "token request")?;
     let user = match (req.user, caller.user()) {
         (Some(u), _) => u,
         (None, Some(me)) => me.to_string(),
@@ -455,9 +470,7 @@ pub async fn create_token(
             ));
         };
         caller.require(ns, Role::Admin)?;
-        let member =
-            st.registry.namespaces().await?.into_iter().any(|n| &n.name == ns && n.members.contains_key(&user));
-        if !member {
+        if !st.registry.members(ns).await?.contains_key(&user) {
             return Err(ApiError::Forbidden(format!("{user:?} is not a member of namespace {ns:?}")));
         }
     }
@@ -483,7 +496,7 @@ pub async fn list_tokens(
     axum::Extension(caller): axum::Extension<Caller>,
     q: Result<axum::extract::Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let q = q.map(|q| q.0).map_err(|e| ApiError::BadRequest(format!("bad query parameters: {}", e.body_text())))?;
+    let q = crate::api::query(q)?;
     let list = if q.all {
         caller.require_owner()?;
         st.registry.tokens(None, q.namespace.as_deref()).await?
