@@ -32,6 +32,10 @@ pub struct EventFilter {
     pub kind: Option<String>,
     /// Only events with a larger id.
     pub after: Option<u64>,
+    /// Only events with a smaller id.
+    pub before: Option<u64>,
+    /// The newest first (the last `limit` matches) instead of the oldest.
+    pub newest_first: bool,
     pub limit: u32,
 }
 
@@ -175,16 +179,17 @@ impl Registry {
 
     /// Events in id order, filtered.
     pub async fn events(&self, f: &EventFilter) -> Result<Vec<Event>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT id, at_ms, model, version, kind, message, detail FROM events \
-             WHERE (?1 IS NULL OR model = ?1) AND (?2 IS NULL OR kind = ?2) AND id > ?3 ORDER BY id LIMIT ?4",
-        )
-        .bind(f.model.as_deref())
-        .bind(f.kind.as_deref())
-        .bind(f.after.unwrap_or(0) as i64)
-        .bind(i64::from(f.limit.max(1)))
-        .fetch_all(&self.pool)
-        .await?;
+        const SELECT: &str = "SELECT id, at_ms, model, version, kind, message, detail FROM events \
+             WHERE (?1 IS NULL OR model = ?1) AND (?2 IS NULL OR kind = ?2) AND id > ?3 AND id < ?4";
+        let sql = format!("{SELECT} ORDER BY id {} LIMIT ?5", if f.newest_first { "DESC" } else { "ASC" });
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(f.model.as_deref())
+            .bind(f.kind.as_deref())
+            .bind(f.after.unwrap_or(0) as i64)
+            .bind(f.before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64))
+            .bind(i64::from(f.limit.max(1)))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| Event {
@@ -374,7 +379,7 @@ mod tests {
         let reg = Registry::open(dir.path()).await.unwrap();
         for i in 0..versions {
             let s = reg.blobs().stage(format!("v{i}").as_bytes(), 1 << 20).await.unwrap();
-            reg.add_version("m", s, Format::Onnx, VersionState::Ready).await.unwrap();
+            reg.add_version("m", s, Format::Onnx, VersionState::Ready, None).await.unwrap();
         }
         (dir, reg)
     }
@@ -430,13 +435,20 @@ mod tests {
         reg.append_event("other", None, "ready", "y", serde_json::Value::Null).await.unwrap();
         let all = reg.events(&EventFilter { limit: 100, ..Default::default() }).await.unwrap();
         assert_eq!(all.len(), 6);
-        let page =
-            reg.events(&EventFilter { model: Some("m".into()), after: Some(2), limit: 2, kind: None }).await.unwrap();
+        let page = reg
+            .events(&EventFilter { model: Some("m".into()), after: Some(2), limit: 2, ..Default::default() })
+            .await
+            .unwrap();
         assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4]);
         let retired =
             reg.events(&EventFilter { kind: Some("retired".into()), limit: 100, ..Default::default() }).await.unwrap();
         assert_eq!(retired.len(), 2);
         assert_eq!(retired[0].detail["i"], 1);
+        let newest = EventFilter { model: Some("m".into()), newest_first: true, limit: 2, ..Default::default() };
+        let page = reg.events(&newest).await.unwrap();
+        assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), vec![5, 4]);
+        let page = reg.events(&EventFilter { before: Some(4), ..newest }).await.unwrap();
+        assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 2]);
         assert_eq!(reg.last_event_id().await.unwrap(), 6);
 
         let e = Experiment {

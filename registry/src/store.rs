@@ -15,7 +15,7 @@ use crate::{RegistryError, validate_model_name};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never edit
 /// one that shipped: append a new one.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     r#"
 CREATE TABLE IF NOT EXISTS models (
     name          TEXT PRIMARY KEY,
@@ -113,6 +113,7 @@ CREATE TABLE tokens (
 );
 CREATE INDEX tokens_by_user ON tokens(user);
 "#,
+    "ALTER TABLE versions ADD COLUMN pushed_by TEXT;",
 ];
 
 /// Lifecycle state of a version (TF Serving's harness: loading → ready → unloaded | failed).
@@ -181,6 +182,9 @@ pub struct VersionRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
     pub tags: Vec<String>,
+    /// The user who pushed it (when auth was on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pushed_by: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -270,6 +274,7 @@ impl Registry {
         staged: Staged,
         format: Format,
         state: VersionState,
+        pushed_by: Option<&str>,
     ) -> Result<VersionRecord, RegistryError> {
         validate_model_name(name)?;
         let (sha256, size) = (staged.sha256.clone(), staged.size);
@@ -288,7 +293,8 @@ impl Registry {
                 .await?
                 .get(0);
         sqlx::query(
-            "INSERT INTO versions (model, version, sha256, format, size, created_at_ms, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO versions (model, version, sha256, format, size, created_at_ms, state, pushed_by) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(name)
         .bind(version)
@@ -297,6 +303,7 @@ impl Registry {
         .bind(size as i64)
         .bind(now as i64)
         .bind(state.as_str())
+        .bind(pushed_by)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -311,6 +318,7 @@ impl Registry {
             reason: None,
             expires_at_ms: None,
             tags: Vec::new(),
+            pushed_by: pushed_by.map(String::from),
         })
     }
 
@@ -376,7 +384,7 @@ impl Registry {
 
     /// Versions of one model, or of every model when `name` is `None`.
     async fn versions_of(&self, name: Option<&str>) -> Result<Vec<VersionRecord>, RegistryError> {
-        const COLUMNS: &str = "SELECT model, version, sha256, format, size, created_at_ms, state, reason, expires_at_ms, \
+        const COLUMNS: &str = "SELECT model, version, sha256, format, size, created_at_ms, state, reason, expires_at_ms, pushed_by, \
             (SELECT group_concat(tag, char(10)) FROM (SELECT tag FROM tags t WHERE t.model = v.model \
             AND t.version = v.version ORDER BY tag)) FROM versions v";
         let (filtered, all) = (
@@ -405,8 +413,9 @@ impl Registry {
                     state: state.parse()?,
                     reason: r.get(7),
                     expires_at_ms: r.get::<Option<i64>, _>(8).map(|v| v as u64),
+                    pushed_by: r.get(9),
                     tags: r
-                        .get::<Option<String>, _>(9)
+                        .get::<Option<String>, _>(10)
                         .map(|t| t.split('\n').map(String::from).collect())
                         .unwrap_or_default(),
                 })
@@ -460,13 +469,19 @@ mod tests {
     async fn versions_are_numbered_and_never_reused() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::open(dir.path()).await.unwrap();
-        let v1 = reg.add_version("m", staged(&reg, b"one").await, Format::Onnx, VersionState::Ready).await.unwrap();
-        let v2 = reg.add_version("m", staged(&reg, b"two").await, Format::Onnx, VersionState::Loading).await.unwrap();
+        let v1 = reg
+            .add_version("m", staged(&reg, b"one").await, Format::Onnx, VersionState::Ready, Some("ada"))
+            .await
+            .unwrap();
+        let v2 =
+            reg.add_version("m", staged(&reg, b"two").await, Format::Onnx, VersionState::Loading, None).await.unwrap();
         assert_eq!((v1.version, v2.version), (1, 2));
         reg.delete_version("m", 2).await.unwrap();
-        let v3 = reg.add_version("m", staged(&reg, b"three").await, Format::Onnx, VersionState::Ready).await.unwrap();
+        let v3 =
+            reg.add_version("m", staged(&reg, b"three").await, Format::Onnx, VersionState::Ready, None).await.unwrap();
         assert_eq!(v3.version, 3, "a deleted number is not given again");
         let model = reg.model("m").await.unwrap();
+        assert_eq!(model.versions[0].pushed_by.as_deref(), Some("ada"));
         assert_eq!(model.versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![1, 3]);
         assert!(matches!(reg.version("m", 2).await, Err(RegistryError::VersionNotFound { .. })));
         assert!(matches!(reg.model("nope").await, Err(RegistryError::ModelNotFound(_))));
@@ -477,8 +492,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sha = {
             let reg = Registry::open(dir.path()).await.unwrap();
-            let v =
-                reg.add_version("m", staged(&reg, b"weights").await, Format::Onnx, VersionState::Ready).await.unwrap();
+            let v = reg
+                .add_version("m", staged(&reg, b"weights").await, Format::Onnx, VersionState::Ready, None)
+                .await
+                .unwrap();
             reg.set_state("m", 1, VersionState::Failed, Some("boom")).await.unwrap();
             v.sha256
         };
@@ -498,7 +515,7 @@ mod tests {
         assert!(matches!(reg.blobs().stage(&b"0123456789"[..], 4).await, Err(RegistryError::TooLarge { .. })));
         let s = staged(&reg, b"x").await;
         assert!(matches!(
-            reg.add_version("../x", s, Format::Onnx, VersionState::Ready).await,
+            reg.add_version("../x", s, Format::Onnx, VersionState::Ready, None).await,
             Err(RegistryError::InvalidName(_))
         ));
         assert_eq!(std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), 0);

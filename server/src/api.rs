@@ -78,6 +78,7 @@ pub fn routes() -> Vec<Route> {
         r(M::PATCH, "/v1/models/{name}/versions/{version}", Model(Publisher), patch_version),
         r(M::PUT, "/v1/models/{name}/aliases/{alias}", Model(Publisher), set_alias),
         r(M::DELETE, "/v1/models/{name}/aliases/{alias}", Model(Publisher), delete_alias),
+        r(M::GET, "/v1/models/{name}/live", Model(Viewer), model_live),
         r(M::GET, "/v1/models/{name}/policy", Model(Viewer), get_policy),
         r(M::PUT, "/v1/models/{name}/policy", Model(Publisher), put_policy),
         r(M::GET, "/v1/models/{name}/route", Model(Viewer), get_route),
@@ -115,6 +116,11 @@ pub fn routes() -> Vec<Route> {
             Handler("your own; one confined to a namespace you administer; any: the owner"),
             a::revoke_token,
         ),
+        r(M::GET, "/ui", Public, crate::ui::index),
+        r(M::GET, "/ui/app.js", Public, crate::ui::script),
+        r(M::GET, "/ui/app.css", Public, crate::ui::style),
+        r(M::POST, "/ui/login", Public, crate::ui::login), // the handler checks the token in the body
+        r(M::POST, "/ui/logout", Public, crate::ui::logout),
     ]
 }
 
@@ -460,6 +466,38 @@ fn stats_json(name: &str, version: u64, s: &algolink_engine::Stats) -> Value {
     })
 }
 
+/// A histogram as the console reads it: upper bounds, cumulative counts, count and sum.
+fn histogram_json(h: &algolink_engine::stats::Histogram) -> Value {
+    let (buckets, count, sum) = h.snapshot();
+    let (le, cumulative): (Vec<f64>, Vec<u64>) = buckets.into_iter().unzip();
+    json!({ "le": le, "cumulative": cumulative, "count": count, "sum": sum })
+}
+
+/// The cumulative counters and histograms of each loaded version of a model, for the console's
+/// live charts (it takes the differences between two readings, as Prometheus' `rate` does).
+async fn model_live(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    st.registry.model(&name).await?;
+    let versions: Vec<Value> = st
+        .all_stats()
+        .iter()
+        .filter(|((n, _), _)| *n == name)
+        .map(|((_, v), s)| {
+            json!({
+                "version": v,
+                "success": s.success.get().0,
+                "failure": s.failure.get().0,
+                "rejected": s.rejected.load(Relaxed) + s.shed.load(Relaxed) + s.expired.load(Relaxed),
+                "queue_depth": s.queue_depth.load(Relaxed),
+                "request_seconds": histogram_json(&s.request_seconds),
+                "queue_seconds": histogram_json(&s.queue_seconds),
+                "batch_size": histogram_json(&s.batch_size),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "model": name, "at_ms": crate::lifecycle::now_ms(), "versions": versions })))
+}
+
 /// The statistics of the (model, version) pairs `keep` accepts.
 fn stats_filtered(st: &AppState, keep: impl Fn(&str, u64) -> bool) -> axum::Json<Value> {
     let list: Vec<Value> =
@@ -743,10 +781,13 @@ struct EventQuery {
     model: Option<String>,
     kind: Option<String>,
     after: Option<u64>,
+    before: Option<u64>,
+    /// `newest`: the last events first (the console's view); default `oldest`.
+    order: Option<String>,
     limit: Option<u32>,
 }
 
-/// The event log, in order; a caller sees the events of the models it may see.
+/// The event log, in order (or newest first); a caller sees the events of the models it may see.
 async fn events(
     State(st): St,
     Extension(caller): Extension<Caller>,
@@ -757,7 +798,21 @@ async fn events(
         caller.require(namespace_of(model), Role::Viewer)?;
     }
     let limit = q.limit.unwrap_or(100).min(1000);
-    let mut filter = algolink_registry::EventFilter { model: q.model, kind: q.kind, after: q.after, limit };
+    let newest_first = match q.order.as_deref() {
+        None | Some("oldest") => false,
+        Some("newest") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!("order must be \"oldest\" or \"newest\", not {other:?}")));
+        }
+    };
+    let mut filter = algolink_registry::EventFilter {
+        model: q.model,
+        kind: q.kind,
+        after: q.after,
+        before: q.before,
+        newest_first,
+        limit,
+    };
     let mut list = Vec::new();
     // Filtering by namespace may thin a page out: read on until the page is full or the log ends.
     loop {
@@ -767,7 +822,11 @@ async fn events(
         if read < filter.limit as usize || list.len() >= limit as usize {
             break;
         }
-        filter.after = last;
+        if newest_first {
+            filter.before = last;
+        } else {
+            filter.after = last;
+        }
     }
     list.truncate(limit as usize);
     Ok(axum::Json(serde_json::to_value(list).unwrap_or(Value::Null)))

@@ -155,7 +155,11 @@ impl Auth {
         self.cache.lock().expect("auth cache").clear();
     }
 
-    async fn resolve(&self, st: &AppState, token: &str) -> Result<Result<Arc<Principal>, TokenRefusal>, ApiError> {
+    pub(crate) async fn resolve(
+        &self,
+        st: &AppState,
+        token: &str,
+    ) -> Result<Result<Arc<Principal>, TokenRefusal>, ApiError> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = Instant::now();
         if let Some((at, found)) = self.cache.lock().expect("auth cache").get(&key)
@@ -182,12 +186,27 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// The caller of a request: `Open` with auth off, else the principal behind its bearer token.
-async fn caller(st: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+/// The caller of a request: `Open` with auth off, else the principal behind its bearer token or,
+/// for the console, its session cookie. A session may change things only from the console's own
+/// scripts (they send [`crate::ui::CONSOLE_HEADER`], which another site's page cannot without a
+/// CORS grant we never give): no cross-site request forgery.
+async fn caller(st: &AppState, parts: &axum::http::request::Parts) -> Result<Caller, ApiError> {
     if !st.auth.enabled {
         return Ok(Caller::Open);
     }
-    let Some(token) = bearer(headers) else { return Ok(Caller::Anonymous) };
+    let token = match (bearer(&parts.headers), crate::ui::session(&parts.headers)) {
+        (Some(token), _) => token,
+        (None, Some(session)) => {
+            if !parts.method.is_safe() && !parts.headers.contains_key(crate::ui::CONSOLE_HEADER) {
+                return Err(ApiError::Forbidden(format!(
+                    "a console session changes things only from the console (header {:?})",
+                    crate::ui::CONSOLE_HEADER
+                )));
+            }
+            session
+        }
+        (None, None) => return Ok(Caller::Anonymous),
+    };
     match st.auth.resolve(st, token).await? {
         Ok(p) => Ok(Caller::User(p)),
         Err(refusal) => Err(ApiError::Unauthorized(format!("the token is {}", refusal.as_str()))),
@@ -224,7 +243,7 @@ pub async fn authorize(State((st, access)): State<(Arc<AppState>, Access)>, req:
 }
 
 async fn check(st: &AppState, access: Access, parts: &mut axum::http::request::Parts) -> Result<Caller, ApiError> {
-    let caller = match (caller(st, &parts.headers).await, access) {
+    let caller = match (caller(st, parts).await, access) {
         (Ok(c), _) => c,
         // A bad token does not shut anyone out of what is public.
         (Err(_), Access::Public) => Caller::Anonymous,

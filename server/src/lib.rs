@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod oip;
 pub mod state;
+pub mod ui;
 pub mod webhooks;
 
 use std::net::SocketAddr;

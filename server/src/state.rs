@@ -230,7 +230,8 @@ impl AppState {
             other => other,
         })?;
         let _guard = self.lifecycle.lock().await;
-        let record = self.registry.add_version(name, staged, format, VersionState::Loading).await?;
+        let by = crate::auth::ACTOR.try_with(String::clone).ok();
+        let record = self.registry.add_version(name, staged, format, VersionState::Loading, by.as_deref()).await?;
         let detail = json!({ "sha256": record.sha256, "size": record.size, "format": record.format });
         self.event(name, Some(record.version), "pushed", &format!("version {} pushed", record.version), detail).await;
         self.unloaded.lock().expect("unloaded lock").remove(name);

@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: a real server on a free port with its own registry
 //! directory, and a real HTTP client.
 
+pub mod webdriver;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -50,6 +50,7 @@ fn table() -> Vec<(&'static str, &'static str, Need)> {
         ("PATCH", "/v1/models/{name}/versions/{version}", role(Publisher)),
         ("PUT", "/v1/models/{name}/aliases/{alias}", role(Publisher)),
         ("DELETE", "/v1/models/{name}/aliases/{alias}", role(Publisher)),
+        ("GET", "/v1/models/{name}/live", role(Viewer)),
         ("GET", "/v1/models/{name}/policy", role(Viewer)),
         ("PUT", "/v1/models/{name}/policy", role(Publisher)),
         ("GET", "/v1/models/{name}/route", role(Viewer)),
@@ -79,6 +80,12 @@ fn table() -> Vec<(&'static str, &'static str, Need)> {
         ("GET", "/v1/tokens", Token),
         // The target is a token of another member, confined to `team`.
         ("DELETE", "/v1/tokens/{id}", role(Admin)),
+        // The console's assets hold no data; its login checks the token it is given.
+        ("GET", "/ui", Anyone),
+        ("GET", "/ui/app.js", Anyone),
+        ("GET", "/ui/app.css", Anyone),
+        ("POST", "/ui/login", Anyone),
+        ("POST", "/ui/logout", Anyone),
     ]
 }
 
@@ -337,5 +344,68 @@ async fn tokens_expire_are_revoked_and_stay_in_their_namespace() {
     assert!(list.as_array().unwrap().len() >= 3 && !list.to_string().contains(ann.rsplit('_').next().unwrap()));
     let server = server.restart().await;
     ok_as(&server, &owner, "GET", "/v1/whoami", json!({})).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_console_session_is_a_token_in_a_strict_cookie() {
+    let server = TestServer::start(AUTH_ON).await;
+    let owner = server.owner_token();
+    ok_as(&server, &owner, "POST", "/v1/namespaces", json!({ "name": "team" })).await;
+    ok_as(&server, &owner, "PUT", "/v1/namespaces/team/members/ann", json!({ "role": "publisher" })).await;
+    let ann = token_for(&server, &owner, "ann", json!({})).await;
+
+    let login = |token: &str| server.client.post(server.url("/ui/login")).json(&json!({ "token": token })).send();
+    let r = login("alk_0_bad").await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    let r = login(&ann).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set.contains(attribute), "{set}");
+    }
+    let who: Value = r.json().await.unwrap();
+    assert_eq!(who["user"], "ann");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let session = cookie.split_once('=').unwrap().1.to_string();
+    assert_ne!(session, ann, "the session is a token of its own, not the one typed in");
+
+    // Reads work with the cookie; changes only with the console's header (no cross-site forgery).
+    let get = |path: &str| server.client.get(server.url(path)).header("cookie", &cookie).send();
+    let who: Value = get("/v1/whoami").await.unwrap().json().await.unwrap();
+    assert_eq!(who["user"], "ann");
+    let put = server.client.put(server.url("/v1/models/team/iris/policy")).header("cookie", &cookie).body("{}");
+    let r = put.send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("x-algolink-console"));
+    let push = server
+        .client
+        .post(server.url("/v1/models/team/iris/versions"))
+        .header("cookie", &cookie)
+        .header("x-algolink-console", "1")
+        .body(std::fs::read(fixture("iris_logreg.onnx")).unwrap());
+    let r = push.send().await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let model = ok_as(&server, &owner, "GET", "/v1/models/team/iris", json!({})).await;
+    assert_eq!(model["versions"][0]["pushed_by"], "ann", "the version records who pushed it");
+
+    // The session shows in the user's token list, expiring; logging out revokes it.
+    let tokens = ok_as(&server, &ann, "GET", "/v1/tokens", json!({})).await;
+    let sessions: Vec<&Value> =
+        tokens.as_array().unwrap().iter().filter(|t| t["description"] == "console session").collect();
+    assert_eq!(sessions.len(), 1, "{tokens}");
+    assert!(sessions[0]["expires_at_ms"].as_u64().is_some(), "{tokens}");
+    let r = server.client.post(server.url("/ui/logout")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    assert_eq!(get("/v1/whoami").await.unwrap().status(), 401);
+    ok_as(&server, &ann, "GET", "/v1/whoami", json!({})).await;
+
+    // The console itself is served to anyone (it holds no data), with a strict content policy.
+    let page = server.client.get(server.url("/ui")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-security-policy"].to_str().unwrap().starts_with("default-src 'self'"));
     server.stop().await;
 }
