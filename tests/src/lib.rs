@@ -175,3 +175,26 @@ pub fn assert_none_failed(statuses: impl IntoIterator<Item = u16>) {
         &failed[..failed.len().min(10)]
     );
 }
+
+/// The Python of the tests' virtual environment (`target/algolink-py`), with `packages`
+/// installed from PyPI when `import {modules}` fails there (the test suite installs what it needs,
+/// as the README promises; later runs reuse it).
+pub fn python_venv(modules: &str, packages: &[&str]) -> PathBuf {
+    use std::process::Command;
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("algolink-py");
+    let python = venv.join("bin").join("python");
+    let ready = |python: &PathBuf| {
+        Command::new(python).args(["-c", &format!("import {modules}")]).status().is_ok_and(|s| s.success())
+    };
+    if !python.exists() {
+        let status = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().expect("python3 is needed");
+        assert!(status.success(), "creating {}", venv.display());
+    }
+    if !ready(&python) {
+        let status =
+            Command::new(&python).args(["-m", "pip", "install", "-q"]).args(packages).status().expect("running pip");
+        assert!(status.success(), "installing {packages:?} into {}", venv.display());
+        assert!(ready(&python), "import {modules} still fails after installing {packages:?}");
+    }
+    python
+}
