@@ -4,8 +4,20 @@ use crate::access::validate_principal_name;
 /// Words that follow a model name in the API's paths (`/v2/models/{name}/infer`, ...): the
 /// model part of a `team/model` name may not be one, so `/v2/models/team/infer` stays readable
 /// as "infer on model team" and `/v2/models/team/fraud/infer` as "infer on team/fraud".
-pub const PATH_WORDS: [&str; 11] =
-    ["ready", "infer", "stats", "versions", "aliases", "policy", "route", "rollout", "experiments", "load", "unload"];
+pub const PATH_WORDS: [&str; 12] = [
+    "ready",
+    "infer",
+    "stats",
+    "versions",
+    "aliases",
+    "policy",
+    "route",
+    "rollout",
+    "experiments",
+    "load",
+    "unload",
+    "live",
+];
 
 /// Model names become URL segments and metric labels: keep them plain. `team/model` names a
 /// model in namespace `team`.

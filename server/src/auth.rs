@@ -550,6 +550,18 @@ pub async fn revoke_token(
 mod tests {
     use super::*;
 
+    /// Every word a route puts after `{name}` is one model names may not end with; else
+    /// `/v1/models/m/WORD` would be read as model `m/WORD`.
+    #[test]
+    fn every_word_after_a_model_name_is_a_path_word() {
+        for route in crate::api::routes() {
+            if let Some((_, rest)) = route.path.split_once("{name}/") {
+                let word = rest.split('/').next().unwrap_or_default();
+                assert!(PATH_WORDS.contains(&word), "{} {}: add {word:?} to PATH_WORDS", route.method, route.path);
+            }
+        }
+    }
+
     #[test]
     fn namespaced_paths_become_one_segment() {
         let cases = [
@@ -563,6 +575,7 @@ mod tests {
             ("/v1/models/iris/versions", None),
             ("/v1/models/iris/rollout/promote", None),
             ("/v2/models/iris", None),
+            ("/v1/models/iris/live", None),
             ("/v2/models/stats", None),
             ("/v2/health/ready", None),
             ("/v1/models", None),

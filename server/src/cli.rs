@@ -42,6 +42,12 @@ pub enum Command {
     },
     /// List models and their versions.
     Models,
+    /// Models, versions, traffic and health at a glance (80 columns): rates over `--interval`.
+    Status {
+        /// Seconds between the two readings the rates come from.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
     /// Point aliases (`champion`, `challenger`, any name) at versions.
     Alias {
         #[command(subcommand)]
@@ -271,6 +277,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { config, data, http } => serve(config, data, http).await,
         Command::Push { path, name } => push(&api, path, name).await,
         Command::Models => models(&api).await,
+        Command::Status { interval } => {
+            print!("{}", status(&api, interval).await?);
+            Ok(())
+        }
         Command::Whoami => {
             pretty(api.call("GET", "/v1/whoami", None).await?);
             Ok(())
@@ -584,4 +594,248 @@ async fn models(api: &Api) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `algolink status` shows of one model.
+#[derive(Debug, Default)]
+pub struct ModelStatus {
+    pub name: String,
+    pub ready: usize,
+    pub versions: usize,
+    pub serving: Option<u64>,
+    /// (version, percent) of unversioned requests.
+    pub traffic: Vec<(u64, f64)>,
+    pub rps: f64,
+    pub p99_ms: Option<f64>,
+    pub error_percent: Option<f64>,
+    /// A canary or an experiment under way.
+    pub note: Option<String>,
+}
+
+/// The status screen: every line at most 80 characters, whatever the names.
+pub fn render_status(header: &str, models: &[ModelStatus], events: &[String]) -> String {
+    use std::fmt::Write;
+    let fit = |s: &str, width: usize| -> String {
+        if s.chars().count() <= width {
+            s.to_string()
+        } else {
+            s.chars().take(width.saturating_sub(1)).chain(['…']).collect()
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", fit(header, 80));
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<22} {:>5} {:>5}  {:<18} {:>7} {:>7} {:>6}",
+        "MODEL", "READY", "SERVE", "TRAFFIC", "REQ/S", "P99 MS", "ERR %"
+    );
+    if models.is_empty() {
+        let _ = writeln!(out, "(no model: algolink push FILE --name NAME)");
+    }
+    for m in models {
+        let traffic: Vec<String> = m.traffic.iter().map(|(v, p)| format!("v{v} {p:.0}%")).collect();
+        let _ = writeln!(
+            out,
+            "{:<22} {:>5} {:>5}  {:<18} {:>7} {:>7} {:>6}",
+            fit(&m.name, 22),
+            fit(&format!("{}/{}", m.ready, m.versions), 5),
+            m.serving.map(|v| fit(&format!("v{v}"), 5)).unwrap_or_else(|| "-".into()),
+            fit(&traffic.join(" "), 18),
+            fit(&if m.rps >= 1000.0 { format!("{:.0}", m.rps) } else { format!("{:.1}", m.rps) }, 7),
+            m.p99_ms.map(|p| fit(&format!("{p:.2}"), 7)).unwrap_or_else(|| "-".into()),
+            m.error_percent.map(|e| fit(&format!("{e:.1}"), 6)).unwrap_or_else(|| "-".into()),
+        );
+        if let Some(note) = &m.note {
+            let _ = writeln!(out, "{}", fit(&format!("  └ {note}"), 80));
+        }
+    }
+    if !events.is_empty() {
+        let _ = writeln!(out, "\nRECENT EVENTS");
+        for e in events {
+            let _ = writeln!(out, "{}", fit(e, 80));
+        }
+    }
+    out
+}
+
+/// The q-quantile (seconds) of what a histogram `{le, cumulative, count}` gained between readings.
+fn quantile_between(q: f64, before: &serde_json::Value, now: &serde_json::Value) -> Option<f64> {
+    let cum = |h: &serde_json::Value| -> Vec<u64> {
+        h["cumulative"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_u64).collect()
+    };
+    let (a, b) = (cum(before), cum(now));
+    let le: Vec<f64> = now["le"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_f64).collect();
+    let count = now["count"].as_u64()?.checked_sub(before["count"].as_u64().unwrap_or(0))?;
+    if count == 0 {
+        return None;
+    }
+    let target = q * count as f64;
+    let mut below = 0u64;
+    for (i, bound) in le.iter().enumerate() {
+        let c = b.get(i).copied().unwrap_or(0).saturating_sub(a.get(i).copied().unwrap_or(0));
+        if c as f64 >= target {
+            let lower = if i == 0 { 0.0 } else { le[i - 1] };
+            let share = if c > below { (target - below as f64) / (c - below) as f64 } else { 1.0 };
+            return Some(lower + (bound - lower) * share);
+        }
+        below = c;
+    }
+    le.last().copied()
+}
+
+async fn status(api: &Api, interval_s: f64) -> anyhow::Result<String> {
+    use serde_json::Value;
+    let meta = api.call("GET", "/v2", None).await?;
+    let ready =
+        api.request(reqwest::Method::GET, "/v2/health/ready").send().await.is_ok_and(|r| r.status().is_success());
+    let who = api.call("GET", "/v1/whoami", None).await?;
+    let models = api.call("GET", "/v1/models", None).await?;
+    let models = models.as_array().cloned().unwrap_or_default();
+    let names: Vec<String> = models.iter().filter_map(|m| m["name"].as_str().map(String::from)).collect();
+    let read = |names: Vec<String>| async move {
+        let mut out = std::collections::HashMap::new();
+        for n in names {
+            out.insert(n.clone(), api.call("GET", &format!("/v1/models/{n}/live"), None).await?);
+        }
+        anyhow::Ok(out)
+    };
+    let first = read(names.clone()).await?;
+    tokio::time::sleep(std::time::Duration::from_secs_f64(interval_s.clamp(0.1, 60.0))).await;
+    let second = read(names).await?;
+    let experiments = api.call("GET", "/v1/experiments", None).await?;
+    let mut rows = Vec::new();
+    for m in &models {
+        let name = m["name"].as_str().unwrap_or("?").to_string();
+        let versions = m["versions"].as_array().cloned().unwrap_or_default();
+        let (a, b) = (&first[&name], &second[&name]);
+        let dt = (b["at_ms"].as_f64().unwrap_or(0.0) - a["at_ms"].as_f64().unwrap_or(0.0)).max(1.0) / 1000.0;
+        let (mut done, mut failed, mut p99) = (0u64, 0u64, None::<f64>);
+        for v in b["versions"].as_array().into_iter().flatten() {
+            let before = a["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["version"] == v["version"])
+                .cloned()
+                .unwrap_or(Value::Null);
+            let n = |x: &Value, k: &str| x[k].as_u64().unwrap_or(0);
+            done += (n(v, "success") + n(v, "failure")).saturating_sub(n(&before, "success") + n(&before, "failure"));
+            failed += n(v, "failure").saturating_sub(n(&before, "failure"));
+            if let Some(q) = quantile_between(0.99, &before["request_seconds"], &v["request_seconds"]) {
+                p99 = Some(p99.map_or(q, |p: f64| p.max(q)));
+            }
+        }
+        let traffic = m["traffic"]["variants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| (v["version"].as_u64().unwrap_or(0), v["percent"].as_f64().unwrap_or(0.0)))
+            .collect();
+        let experiment = experiments
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["model"] == name.as_str() && e["state"] == "running")
+            .map(|e| format!("experiment {} ({}) running", e["id"], e["goal"].as_str().unwrap_or("?")));
+        let rollout = api.call("GET", &format!("/v1/models/{name}/rollout"), None).await?;
+        let canary = rollout["rollout"]
+            .as_object()
+            .map(|r| format!("canary v{} at {}% against v{}", r["canary"], r["weight"], r["control"]));
+        let note = match (canary, experiment) {
+            (Some(c), Some(e)) => Some(format!("{c}; {e}")),
+            (c, e) => c.or(e),
+        };
+        rows.push(ModelStatus {
+            name,
+            ready: versions.iter().filter(|v| v["state"] == "ready").count(),
+            versions: versions.len(),
+            serving: m["serving_version"].as_u64(),
+            traffic,
+            rps: done as f64 / dt,
+            p99_ms: p99.map(|s| s * 1000.0),
+            error_percent: (done > 0).then(|| 100.0 * failed as f64 / done as f64),
+            note,
+        });
+    }
+    let events = api.call("GET", "/v1/events?order=newest&limit=5", None).await?;
+    let now = crate::lifecycle::now_ms();
+    let events: Vec<String> = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let age_s = now.saturating_sub(e["at_ms"].as_u64().unwrap_or(now)) / 1000;
+            let by = e["detail"]["by"].as_str().map(|b| format!(" ({b})")).unwrap_or_default();
+            format!(
+                "{:>6} {} {}{by}",
+                format_age(age_s),
+                e["model"].as_str().unwrap_or("?"),
+                e["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let user = match who["user"].as_str() {
+        Some(u) => format!("as {u}"),
+        None => "auth off".into(),
+    };
+    let header = format!(
+        "algolink {} at {} · {} · {} model{} · {user}",
+        meta["version"].as_str().unwrap_or("?"),
+        api.base,
+        if ready { "ready" } else { "NOT READY" },
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    );
+    Ok(render_status(&header, &rows, &events))
+}
+
+fn format_age(s: u64) -> String {
+    match s {
+        0..90 => format!("{s}s"),
+        90..5400 => format!("{}m", s / 60),
+        5400..172800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn the_status_screen_fits_80_columns() {
+        let long = "a-very-long-namespace/an-even-longer-model-name-for-fraud";
+        let models = vec![
+            ModelStatus {
+                name: long.into(),
+                ready: 2,
+                versions: 12,
+                serving: Some(12),
+                traffic: vec![(10, 33.3), (11, 33.3), (12, 33.4)],
+                rps: 123456.7,
+                p99_ms: Some(1234.5),
+                error_percent: Some(100.0),
+                note: Some(format!("canary v12 at 10% against v11; experiment 7 (conversion) running {long}")),
+            },
+            ModelStatus { name: "iris".into(), ready: 1, versions: 1, serving: Some(1), ..Default::default() },
+        ];
+        let events = vec![format!("   12s {long} version 12 promoted over version 11: promoted by request (ann)")];
+        let out = render_status(&format!("algolink 0.1.0 at http://{long}:8000 · ready · 2 models"), &models, &events);
+        for line in out.lines() {
+            assert!(line.chars().count() <= 80, "{} columns: {line}", line.chars().count());
+        }
+        assert!(out.contains("a-very-long-namespace… "), "{out}");
+        assert!(out.contains("v10 33% v11 33% v…") && out.contains(" 123457 "), "{out}");
+        assert!(out.contains("iris") && out.contains("RECENT EVENTS"), "{out}");
+    }
+
+    #[test]
+    fn p99_comes_from_what_the_histogram_gained() {
+        let h = |cum: [u64; 3], count: u64| json!({ "le": [0.001, 0.01, 0.1], "cumulative": cum, "count": count });
+        // 100 new requests: 90 under 1 ms, 10 in (1 ms, 10 ms].
+        let p99 = quantile_between(0.99, &h([5, 5, 5], 5), &h([95, 105, 105], 105)).unwrap();
+        assert!((p99 - 0.0091).abs() < 1e-9, "{p99}");
+        assert_eq!(quantile_between(0.99, &h([5, 5, 5], 5), &h([5, 5, 5], 5)), None);
+    }
 }

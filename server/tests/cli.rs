@@ -99,6 +99,26 @@ async fn serve_push_models_and_stop() {
     let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(ok);
     assert_eq!(shown["traffic"]["variants"][0]["percent"], 80.0, "{out}");
+
+    // `algolink status` while traffic flows: the split, the rate, the health, in 80 columns.
+    let status = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || crate::cli(&url, &["status", "--interval", "1"], None)
+    });
+    let mut sent = 0;
+    while !status.is_finished() {
+        let r = client.post(format!("{url}/v2/models/iris/infer")).body(body).send().await.unwrap();
+        assert!(r.status().is_success());
+        sent += 1;
+    }
+    let (ok, out, err) = status.await.unwrap();
+    assert!(ok && sent > 0, "{out}{err}");
+    assert!(out.lines().next().unwrap().contains(" · ready · 1 model · auth off"), "{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 80), "fits 80 columns:\n{out}");
+    let row: Vec<&str> = out.lines().find(|l| l.starts_with("iris ")).unwrap().split_whitespace().collect();
+    assert_eq!(row[3..7], ["v1", "80%", "v2", "20%"], "{out}");
+    assert!(row[7].parse::<f64>().unwrap() > 0.0, "requests per second while traffic flows:\n{out}");
+    assert!(out.contains("RECENT EVENTS") && out.contains("route set"), "{out}");
     let (ok, out, err) = cli(&["experiment", "start", "iris", "--goal", "conversion", "--max-samples", "8000"]);
     assert!(ok, "{out}{err}");
     let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_u64().unwrap();

@@ -344,3 +344,48 @@ async fn oversize_upload_is_refused_with_413() {
     assert_eq!(models, "[]");
     server.stop().await;
 }
+
+/// The Grafana dashboard in configs/ queries only metrics the server exports (a renamed metric
+/// would leave a panel silently empty).
+#[tokio::test]
+async fn the_grafana_dashboard_queries_metrics_that_exist() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/grafana/algolink-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let server = TestServer::default().await;
+    server.push("iris", "iris_logreg.onnx").await;
+    let (_, metrics) = server.get("/metrics").await;
+    let families: std::collections::HashMap<&str, &str> =
+        metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_once(' ')).collect();
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut ids = std::collections::HashSet::new();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in panels {
+        assert!(ids.insert(panel["id"].as_u64().unwrap()), "panel ids are unique");
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("algolink_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+                    .collect();
+                rest = &rest[at + name.len()..];
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|base| families.get(base) == Some(&"histogram")))
+                    .unwrap_or(&name)
+                    .to_string();
+                assert!(
+                    families.contains_key(family.as_str()),
+                    "panel {:?} queries {name}, not exported",
+                    panel["title"]
+                );
+                queried.insert(family);
+            }
+        }
+    }
+    // Every family the server exports has a panel.
+    let missing: Vec<&&str> = families.keys().filter(|f| !queried.contains(**f)).collect();
+    assert!(missing.is_empty(), "metrics without a panel: {missing:?}");
+    server.stop().await;
+}
