@@ -635,8 +635,10 @@ async fn delete_version(
     Ok(axum::Json(json!({ "name": record.name, "version": record.version, "deleted": true })))
 }
 
-async fn metrics(State(st): St) -> Response {
-    let text = crate::metrics::render(&st);
+/// Each caller sees the series of the models it may see (a viewer's "metrics"); the owner (or
+/// anyone, with auth off) sees everything, auth denials included.
+async fn metrics(State(st): St, Extension(caller): Extension<Caller>) -> Response {
+    let text = crate::metrics::render(&st, &|model| caller.sees(model), caller.is_owner());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

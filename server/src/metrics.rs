@@ -26,8 +26,11 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-pub fn render(st: &AppState) -> String {
-    let all = st.all_stats();
+/// The metrics of the models `sees` accepts (a caller's namespaces); the server-wide auth
+/// counters only when `server_wide` (the owner, or auth off).
+pub fn render(st: &AppState, sees: &dyn Fn(&str) -> bool, server_wide: bool) -> String {
+    let mut all = st.all_stats();
+    all.retain(|((model, _), _)| sees(model));
     let mut out = String::with_capacity(4096 + all.len() * 8192);
     let series = |out: &mut String,
                   name: &str,
@@ -135,7 +138,10 @@ pub fn render(st: &AppState) -> String {
     series(&mut out, "algolink_batch_size", "histogram", "Rows per executed batch.", &|out, l, s| {
         histogram(out, "algolink_batch_size", l, &s.batch_size)
     });
-    lifecycle(&mut out, st);
+    lifecycle(&mut out, st, sees);
+    if !server_wide {
+        return out;
+    }
     family(
         &mut out,
         "algolink_auth_denied_total",
@@ -150,14 +156,14 @@ pub fn render(st: &AppState) -> String {
 }
 
 /// Traffic shares of routed models, shadow mirrors, and experiment outcomes.
-fn lifecycle(out: &mut String, st: &AppState) {
+fn lifecycle(out: &mut String, st: &AppState, sees: &dyn Fn(&str) -> bool) {
     family(
         out,
         "algolink_route_share_percent",
         "gauge",
         "Share of a model's unversioned requests routed to a variant.",
     );
-    for (model, r) in st.all_routings() {
+    for (model, r) in st.all_routings().into_iter().filter(|(m, _)| sees(m)) {
         for (v, p) in r.variants.iter().zip(r.split.percents()) {
             let _ = writeln!(
                 out,
@@ -168,7 +174,8 @@ fn lifecycle(out: &mut String, st: &AppState) {
             );
         }
     }
-    let shadows = st.all_shadow_stats();
+    let mut shadows = st.all_shadow_stats();
+    shadows.retain(|((model, _), _)| sees(model));
     family(out, "algolink_shadow_requests_total", "counter", "Requests mirrored to a shadow version, by outcome.");
     for ((model, version), s) in &shadows {
         let (ok, failed, dropped, _) = s.counts();
@@ -194,7 +201,8 @@ fn lifecycle(out: &mut String, st: &AppState) {
             s.counts().3
         );
     }
-    let totals = st.experiment_totals();
+    let mut totals = st.experiment_totals();
+    totals.retain(|(model, ..)| sees(model));
     for (name, kind, help, value) in [
         ("algolink_experiment_outcomes_total", "counter", "Outcomes recorded per variant of a running experiment.", 0),
         ("algolink_experiment_outcome_sum", "gauge", "Sum of the outcomes per variant of a running experiment.", 1),

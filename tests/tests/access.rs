@@ -257,11 +257,15 @@ async fn every_route_answers_every_role_as_the_table_says() {
     let pushed = ok_as(&server, &viewer, "GET", "/v1/events?model=team/iris&kind=pushed", json!({})).await;
     assert_eq!(pushed[0]["detail"]["by"], "publisher", "{pushed}");
 
-    // Denials are counted.
-    let (_, metrics) = {
-        let r = server.client.get(server.url("/metrics")).bearer_auth(&viewer).send().await.unwrap();
-        (r.status(), r.text().await.unwrap())
+    // /metrics holds the series of the models the caller may see; the denials only for the owner.
+    let metrics_as = |token: String| {
+        let r = server.client.get(server.url("/metrics")).bearer_auth(token).send();
+        async move { r.await.unwrap().text().await.unwrap() }
     };
+    let (seen, unseen) = (metrics_as(viewer.clone()).await, metrics_as(outsider.clone()).await);
+    assert!(seen.contains("algolink_requests_total{model=\"team/iris\"") && !seen.contains("auth_denied_total{"));
+    assert!(!unseen.contains("team/iris"), "{unseen}");
+    let metrics = metrics_as(owner.clone()).await;
     let count = |reason: &str| -> u64 {
         let line = format!("algolink_auth_denied_total{{reason=\"{reason}\"}} ");
         metrics.lines().find_map(|l| l.strip_prefix(&line)).and_then(|v| v.parse().ok()).unwrap_or(0)
