@@ -600,13 +600,14 @@ impl AppState {
     async fn tick_model(&self, m: &ModelRecord) -> Result<(), ApiError> {
         let name = &m.name;
         let policy = self.registry.policy(name).await?;
-        let (verdicts, decided) = match self.experiments.lock().expect("experiments lock").get_mut(name) {
+        let (verdicts, decided, control) = match self.experiments.lock().expect("experiments lock").get_mut(name) {
             Some(live) => {
                 let verdicts = live.compare();
                 let decided = live.take_unsaved();
-                (verdicts, (!decided.is_empty()).then(|| (live.experiment.clone(), decided)))
+                let control = live.experiment.control;
+                (verdicts, (!decided.is_empty()).then(|| (live.experiment.clone(), decided)), Some(control))
             }
-            None => (BTreeMap::new(), None),
+            None => (BTreeMap::new(), None, None),
         };
         if let Some((e, versions)) = decided {
             // A decision stands: recorded so that a restart keeps it.
@@ -651,6 +652,19 @@ impl AppState {
                 (v, why)
             })
             .collect();
+        // A variant found better than the control makes the control the loser (the best such
+        // variant names why): with two variants, whichever is worse retires.
+        let best = verdicts
+            .iter()
+            .filter(|(_, (_, v))| *v == Verdict::Better)
+            .max_by(|a, b| a.1.0.difference.total_cmp(&b.1.0.difference));
+        if let (Some(control), Some((winner, (c, _)))) = (control, best) {
+            let why = format!(
+                "the sequential test found version {winner} better than it (difference {:.4}, p = {:.5})",
+                c.difference, c.p_value
+            );
+            lost.entry(control).or_insert(why);
+        }
         let loaded = self.manager.loaded_versions(name);
         if let Some(gates) = policy.retirement.gates.as_ref().filter(|_| policy.retirement.on_loss) {
             lost.extend(self.gate_losses(name, &loaded, gates, policy.retirement.gate_window_s));

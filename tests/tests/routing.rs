@@ -505,3 +505,58 @@ async fn routes_aliases_experiments_and_outcomes_survive_a_restart() {
     assert_eq!(outcomes, 50, "every acknowledged outcome is still counted: {report}");
     server.stop().await;
 }
+
+/// With `on_loss`, the loser of an experiment retires whichever side it is on: here the
+/// challenger wins, so the control retires and the challenger takes all traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_beaten_by_its_challenger_retires_on_loss() {
+    let config = r#"
+        [server]
+        lifecycle_interval_ms = 100
+        [models.iris]
+        version_policy = { latest = 2 }
+        [models.iris.retirement]
+        on_loss = true
+    "#;
+    let server = Arc::try_unwrap(two_iris_versions(config).await).ok().expect("sole owner");
+    let route = json!({ "variants": [{ "target": 1, "weight": 50 }, { "target": 2, "weight": 50 }] });
+    server.ok("PUT", "/v1/models/iris/route", Some(route)).await;
+    let goal = json!({ "goal": "reward", "min_samples": 30, "min_effect": 0.1 });
+    let e = server.ok("POST", "/v1/models/iris/experiments", Some(goal)).await;
+    // Version 2's reward is about 1 higher, with noise: the test must find it.
+    for round in 0..20 {
+        let mut feedback = Vec::new();
+        for i in 0..20 {
+            let key = format!("k{round}-{i}");
+            let r = routed(&server, Some(&key), None).await;
+            if r.status != 200 {
+                continue;
+            }
+            let noise = ((round * 20 + i) % 7) as f64 / 7.0 - 0.5;
+            let value = if r.version == "2" { 1.0 + noise } else { noise };
+            feedback.push(json!({ "model": "iris", "key": key, "value": value }));
+        }
+        server.ok("POST", "/v1/feedback", Some(Value::Array(feedback))).await;
+        let (_, model) = server.call("GET", "/v1/models/iris", None).await;
+        if model["versions"][0]["state"] == "retired" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let model = server
+        .wait_for("/v1/models/iris", Duration::from_secs(10), |m| {
+            m["versions"][0]["state"] == "retired" && m["traffic"]["variants"].as_array().is_some_and(|v| v.len() == 1)
+        })
+        .await;
+    let reason = model["versions"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("found version 2 better than it (difference"), "{reason}");
+    assert_eq!(model["versions"][1]["state"], "ready");
+    let events = server.ok("GET", "/v1/events?model=iris&kind=retired", None).await;
+    assert_eq!(events[0]["version"], 1, "{events}");
+    for _ in 0..10 {
+        assert_eq!(routed(&server, None, None).await.version, "2", "the winner takes all traffic");
+    }
+    let report = server.ok("GET", &format!("/v1/experiments/{}", e["id"]), None).await;
+    println!("{reason}\n{report}");
+    server.stop().await;
+}
