@@ -108,11 +108,15 @@ def to_onnx(model: Any, sample: Any, *, opset: Optional[int] = None) -> bytes:
         raise ImportError("pushing a scikit-learn model needs skl2onnx: pip install 'algolink[sklearn]'") from e
     from sklearn.base import is_classifier
 
+    from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
+
     x = np.asarray(sample)
-    if x.dtype == np.float64:
-        x = x.astype(np.float32)
+    # The input is called "input", as for a torch module, so versions of either kind are
+    # interchangeable behind one route.
+    kind = Int64TensorType if x.dtype.kind in "iu" else FloatTensorType
+    initial_types = [("input", kind([None, *x.shape[1:]]))]
     options = {id(model): {"zipmap": False}} if is_classifier(model) else None
-    onx = skl_to_onnx(model, x[:1], options=options, target_opset=opset)
+    onx = skl_to_onnx(model, initial_types=initial_types, options=options, target_opset=opset)
     return onx.SerializeToString()
 
 
@@ -218,6 +222,18 @@ class Client:
 
     def alias(self, name: str, alias: str, version: int) -> dict:
         return self._call("PUT", f"/v1/models/{_quote(name)}/aliases/{_quote(alias)}", {"version": int(version)})
+
+    def policy(self, name: str, doc: Optional[dict] = None) -> dict:
+        """Without `doc`: the model's policy (version policy, route, retirement, rollout). With it:
+        replaces the policy (`{"version_policy": {"latest": 2}, "retirement": {"on_loss": true}}`)."""
+        if doc is None:
+            return self._call("GET", f"/v1/models/{_quote(name)}/policy")
+        return self._call("PUT", f"/v1/models/{_quote(name)}/policy", doc)
+
+    def metrics(self) -> str:
+        """The Prometheus metrics the token may see, as text."""
+        payload, _ = self._call("GET", "/metrics", raw=True)
+        return payload.decode()
 
     def metadata(self, name: str, version: Optional[int] = None) -> dict:
         """The model's OIP metadata: its inputs and outputs with names, datatypes and shapes."""
