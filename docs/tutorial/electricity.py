@@ -133,9 +133,10 @@ for k, v in offline_mae.items():
 
 # %%
 client = Client(URL)
-for pushed in (client.push(gbm, MODEL, sample=X[:1]), client.push(net, MODEL, sample=X[:1])):
-    print(f"{pushed['name']} version {pushed['version']}: {pushed['state']}, sha256 {pushed['sha256'][:16]}…")
-gbm_v, net_v = [v["version"] for v in client.versions(MODEL)[-2:]]
+pushed = [client.push(gbm, MODEL, sample=X[:1]), client.push(net, MODEL, sample=X[:1])]
+for p in pushed:
+    print(f"{p['name']} version {p['version']}: {p['state']}, sha256 {p['sha256'][:16]}…")
+gbm_v, net_v = [p["version"] for p in pushed]
 names = {gbm_v: "gradient boosting", net_v: "neural network"}
 # A second run of the tutorial on the same server starts a new experiment: end the old one.
 for old in client.experiments(MODEL):

@@ -95,6 +95,9 @@ pub struct Principal {
     pub token_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
+    /// The token this one derives from (see [`TokenRecord::parent`]).
+    #[serde(skip)]
+    pub parent: Option<String>,
 }
 
 impl Principal {
@@ -146,6 +149,9 @@ pub struct TokenRecord {
     pub expires_at_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revoked_at_ms: Option<u64>,
+    /// The token this one was derived from (a console session): revoking that one revokes this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -170,6 +176,8 @@ pub struct TokenRequest {
     pub namespace: Option<String>,
     pub description: String,
     pub ttl_ms: Option<u64>,
+    /// Ties the new token's life to this one's (see [`TokenRecord::parent`]).
+    pub parent: Option<String>,
 }
 
 fn digest(secret: &str) -> Vec<u8> {
@@ -202,6 +210,7 @@ fn token_record(row: &sqlx::sqlite::SqliteRow) -> TokenRecord {
         created_at_ms: row.get::<i64, _>("created_at_ms") as u64,
         expires_at_ms: opt_u64(row, "expires_at_ms"),
         revoked_at_ms: opt_u64(row, "revoked_at_ms"),
+        parent: row.get("parent"),
     }
 }
 
@@ -357,10 +366,11 @@ impl Registry {
             created_at_ms: now,
             expires_at_ms: req.ttl_ms.map(|t| now.saturating_add(t)),
             revoked_at_ms: None,
+            parent: req.parent.clone(),
         };
         sqlx::query(
-            "INSERT INTO tokens (id, user, namespace, description, hash, created_at_ms, expires_at_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tokens (id, user, namespace, description, hash, created_at_ms, expires_at_ms, parent) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&record.user)
@@ -369,6 +379,7 @@ impl Registry {
         .bind(digest(&secret))
         .bind(now as i64)
         .bind(record.expires_at_ms.map(|v| v as i64))
+        .bind(&record.parent)
         .execute(&self.pool)
         .await?;
         Ok((format!("{TOKEN_PREFIX}{id}_{secret}"), record))
@@ -395,8 +406,9 @@ impl Registry {
         Ok(rows.iter().map(token_record).collect())
     }
 
+    /// Revokes the token and the tokens derived from it (its console sessions).
     pub async fn revoke_token(&self, id: &str) -> Result<TokenRecord, RegistryError> {
-        sqlx::query("UPDATE tokens SET revoked_at_ms = COALESCE(revoked_at_ms, ?) WHERE id = ?")
+        sqlx::query("UPDATE tokens SET revoked_at_ms = COALESCE(revoked_at_ms, ?1) WHERE id = ?2 OR parent = ?2")
             .bind(now_ms() as i64)
             .bind(id)
             .execute(&self.pool)
@@ -437,6 +449,7 @@ impl Registry {
             scope: record.namespace,
             token_id: record.id,
             expires_at_ms: record.expires_at_ms,
+            parent: record.parent,
         }))
     }
 }
@@ -455,6 +468,7 @@ mod tests {
             scope: None,
             token_id: "x".into(),
             expires_at_ms: None,
+            parent: None,
         };
         assert_eq!(p.role_in("team"), Some(Role::Publisher));
         assert_eq!(p.role_in("nope"), None);
@@ -502,8 +516,18 @@ mod tests {
         let (short, _) = reg.create_token(&TokenRequest { ttl_ms: Some(0), ..req.clone() }).await.unwrap();
         assert_eq!(reg.authenticate(&short).await.unwrap(), Err(TokenRefusal::Expired));
 
+        // A derived token (a console session) dies with its parent, not the other way round.
+        let (child, _) =
+            reg.create_token(&TokenRequest { parent: Some(record.id.clone()), ..req.clone() }).await.unwrap();
+        let (child2, child2_record) =
+            reg.create_token(&TokenRequest { parent: Some(record.id.clone()), ..req.clone() }).await.unwrap();
+        reg.revoke_token(&child2_record.id).await.unwrap();
+        assert!(reg.authenticate(&token).await.unwrap().is_ok());
+        assert_eq!(reg.authenticate(&child2).await.unwrap(), Err(TokenRefusal::Revoked));
+        assert!(reg.authenticate(&child).await.unwrap().is_ok());
         reg.revoke_token(&record.id).await.unwrap();
         assert_eq!(reg.authenticate(&token).await.unwrap(), Err(TokenRefusal::Revoked));
+        assert_eq!(reg.authenticate(&child).await.unwrap(), Err(TokenRefusal::Revoked));
 
         // Removing a member revokes the tokens confined to that namespace.
         let (scoped, _) =

@@ -15,7 +15,7 @@ use crate::{RegistryError, validate_model_name};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never edit
 /// one that shipped: append a new one.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     r#"
 CREATE TABLE IF NOT EXISTS models (
     name          TEXT PRIMARY KEY,
@@ -114,6 +114,8 @@ CREATE TABLE tokens (
 CREATE INDEX tokens_by_user ON tokens(user);
 "#,
     "ALTER TABLE versions ADD COLUMN pushed_by TEXT;",
+    // A console session records the token it was traded for, and dies with it.
+    "ALTER TABLE tokens ADD COLUMN parent TEXT; CREATE INDEX tokens_by_parent ON tokens(parent);",
 ];
 
 /// Lifecycle state of a version (TF Serving's harness: loading → ready → unloaded | failed).

@@ -784,9 +784,18 @@ struct EventQuery {
     kind: Option<String>,
     after: Option<u64>,
     before: Option<u64>,
-    /// `newest`: the last events first (the console's view); default `oldest`.
-    order: Option<String>,
+    #[serde(default)]
+    order: Order,
     limit: Option<u32>,
+}
+
+#[derive(Default, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Order {
+    #[default]
+    Oldest,
+    /// The last events first (the console's view).
+    Newest,
 }
 
 /// The event log, in order (or newest first); a caller sees the events of the models it may see.
@@ -800,13 +809,7 @@ async fn events(
         caller.require(namespace_of(model), Role::Viewer)?;
     }
     let limit = q.limit.unwrap_or(100).min(1000);
-    let newest_first = match q.order.as_deref() {
-        None | Some("oldest") => false,
-        Some("newest") => true,
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!("order must be \"oldest\" or \"newest\", not {other:?}")));
-        }
-    };
+    let newest_first = q.order == Order::Newest;
     let mut filter = algolink_registry::EventFilter {
         model: q.model,
         kind: q.kind,

@@ -493,7 +493,7 @@ pub async fn create_token(
             return Err(ApiError::Forbidden(format!("{user:?} is not a member of namespace {ns:?}")));
         }
     }
-    let request = TokenRequest { user, namespace, description: req.description, ttl_ms };
+    let request = TokenRequest { user, namespace, description: req.description, ttl_ms, parent: None };
     let (token, record) = st.registry.create_token(&request).await?;
     let mut body = serde_json::to_value(record).unwrap_or(Value::Null);
     body["token"] = Value::String(token);

@@ -44,8 +44,8 @@ pub enum Command {
     Models,
     /// Models, versions, traffic and health at a glance (80 columns): rates over `--interval`.
     Status {
-        /// Seconds between the two readings the rates come from.
-        #[arg(long, default_value_t = 1.0)]
+        /// Seconds between the two readings the rates come from (0.1 to 60).
+        #[arg(long, default_value_t = 1.0, value_parser = status_interval)]
         interval: f64,
     },
     /// Point aliases (`champion`, `challenger`, any name) at versions.
@@ -659,6 +659,30 @@ pub fn render_status(header: &str, models: &[ModelStatus], events: &[String]) ->
     out
 }
 
+fn status_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 60")),
+    }
+}
+
+/// Adds the histogram `h` (`{le, cumulative, count}`) to `sum`, bucket by bucket (the versions of
+/// a model share their bounds): a model's p99 comes from all its requests, not the worst version's.
+fn add_histogram(sum: &mut serde_json::Value, h: &serde_json::Value) {
+    use serde_json::{Value, json};
+    let cum = |v: &Value| -> Vec<u64> {
+        v["cumulative"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect()
+    };
+    let (mut total, add) = (cum(sum), cum(h));
+    total.resize(total.len().max(add.len()), 0);
+    for (t, a) in total.iter_mut().zip(add) {
+        *t += a;
+    }
+    let le = if sum["le"].is_array() { sum["le"].clone() } else { h["le"].clone() };
+    let count = sum["count"].as_u64().unwrap_or(0) + h["count"].as_u64().unwrap_or(0);
+    *sum = json!({ "le": le, "cumulative": total, "count": count });
+}
+
 /// The q-quantile (seconds) of what a histogram `{le, cumulative, count}` gained between readings.
 fn quantile_between(q: f64, before: &serde_json::Value, now: &serde_json::Value) -> Option<f64> {
     let cum = |h: &serde_json::Value| -> Vec<u64> {
@@ -701,7 +725,7 @@ async fn status(api: &Api, interval_s: f64) -> anyhow::Result<String> {
         anyhow::Ok(out)
     };
     let first = read(names.clone()).await?;
-    tokio::time::sleep(std::time::Duration::from_secs_f64(interval_s.clamp(0.1, 60.0))).await;
+    tokio::time::sleep(std::time::Duration::from_secs_f64(interval_s)).await;
     let second = read(names).await?;
     let experiments = api.call("GET", "/v1/experiments", None).await?;
     let mut rows = Vec::new();
@@ -710,7 +734,8 @@ async fn status(api: &Api, interval_s: f64) -> anyhow::Result<String> {
         let versions = m["versions"].as_array().cloned().unwrap_or_default();
         let (a, b) = (&first[&name], &second[&name]);
         let dt = (b["at_ms"].as_f64().unwrap_or(0.0) - a["at_ms"].as_f64().unwrap_or(0.0)).max(1.0) / 1000.0;
-        let (mut done, mut failed, mut p99) = (0u64, 0u64, None::<f64>);
+        let (mut done, mut failed) = (0u64, 0u64);
+        let (mut latency_before, mut latency_now) = (Value::Null, Value::Null);
         for v in b["versions"].as_array().into_iter().flatten() {
             let before = a["versions"]
                 .as_array()
@@ -722,10 +747,11 @@ async fn status(api: &Api, interval_s: f64) -> anyhow::Result<String> {
             let n = |x: &Value, k: &str| x[k].as_u64().unwrap_or(0);
             done += (n(v, "success") + n(v, "failure")).saturating_sub(n(&before, "success") + n(&before, "failure"));
             failed += n(v, "failure").saturating_sub(n(&before, "failure"));
-            if let Some(q) = quantile_between(0.99, &before["request_seconds"], &v["request_seconds"]) {
-                p99 = Some(p99.map_or(q, |p: f64| p.max(q)));
-            }
+            // A version loaded between the readings counts from zero.
+            add_histogram(&mut latency_before, &before["request_seconds"]);
+            add_histogram(&mut latency_now, &v["request_seconds"]);
         }
+        let p99 = quantile_between(0.99, &latency_before, &latency_now);
         let traffic = m["traffic"]["variants"]
             .as_array()
             .into_iter()
@@ -828,6 +854,19 @@ mod status_tests {
         assert!(out.contains("a-very-long-namespace… "), "{out}");
         assert!(out.contains("v10 33% v11 33% v…") && out.contains(" 123457 "), "{out}");
         assert!(out.contains("iris") && out.contains("RECENT EVENTS"), "{out}");
+    }
+
+    #[test]
+    fn a_model_p99_merges_its_versions() {
+        let h = |c: [u64; 3], n: u64| serde_json::json!({ "le": [0.001, 0.01, 0.1], "cumulative": c, "count": n });
+        let mut sum = serde_json::Value::Null;
+        // 99 fast requests on one version, one slow on the other: p99 is fast, not the slow one's.
+        add_histogram(&mut sum, &h([99, 99, 99], 99));
+        add_histogram(&mut sum, &h([0, 0, 1], 1));
+        assert_eq!(sum, h([99, 99, 100], 100));
+        assert!(quantile_between(0.99, &serde_json::Value::Null, &sum).unwrap() <= 0.001);
+        assert!(status_interval("NaN").is_err() && status_interval("inf").is_err() && status_interval("0").is_err());
+        assert_eq!(status_interval("2.5"), Ok(2.5));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use algolink_registry::lifecycle::retire::retirements;
 use algolink_registry::lifecycle::rollout::Rollout;
 use algolink_registry::lifecycle::rollout::{self, Action, GateResult, Gates, RolloutPolicy, check_gates};
 use algolink_registry::lifecycle::route::{RouteSpec, Strategy, Target};
-use algolink_registry::lifecycle::stats::Verdict;
+use algolink_registry::lifecycle::stats::{Comparison, Verdict};
 use algolink_registry::lifecycle::{Experiment, ExperimentSpec, ExperimentState, ModelPolicy};
 use algolink_registry::{ModelRecord, VersionState};
 use serde::Deserialize;
@@ -641,30 +641,7 @@ impl AppState {
         if let Some(r) = &policy.active_rollout {
             return self.step_rollout(name, r, verdicts.get(&r.canary).map(|(_, v)| *v)).await;
         }
-        let mut lost: BTreeMap<u64, String> = verdicts
-            .iter()
-            .filter(|(_, (_, v))| *v == Verdict::Worse)
-            .map(|(&v, (c, _))| {
-                let why = format!(
-                    "the sequential test found it worse than the control (difference {:.4}, p = {:.5})",
-                    c.difference, c.p_value
-                );
-                (v, why)
-            })
-            .collect();
-        // A variant found better than the control makes the control the loser (the best such
-        // variant names why): with two variants, whichever is worse retires.
-        let best = verdicts
-            .iter()
-            .filter(|(_, (_, v))| *v == Verdict::Better)
-            .max_by(|a, b| a.1.0.difference.total_cmp(&b.1.0.difference));
-        if let (Some(control), Some((winner, (c, _)))) = (control, best) {
-            let why = format!(
-                "the sequential test found version {winner} better than it (difference {:.4}, p = {:.5})",
-                c.difference, c.p_value
-            );
-            lost.entry(control).or_insert(why);
-        }
+        let mut lost = experiment_losers(control, &verdicts);
         let loaded = self.manager.loaded_versions(name);
         if let Some(gates) = policy.retirement.gates.as_ref().filter(|_| policy.retirement.on_loss) {
             lost.extend(self.gate_losses(name, &loaded, gates, policy.retirement.gate_window_s));
@@ -832,4 +809,67 @@ fn best_variant(report: &Value) -> Option<u64> {
         .filter(|v| v["verdict"] == "better")
         .max_by(|a, b| a["mean"].as_f64().unwrap_or(0.0).total_cmp(&b["mean"].as_f64().unwrap_or(0.0)))
         .and_then(|v| v["version"].as_u64())
+}
+
+/// The versions a running experiment's verdicts make losers, each with why: a variant found worse
+/// than the control, and the control once a variant is found better (the best such variant names
+/// why) and no other variant is still being measured against it. With two variants, whichever is
+/// worse loses as soon as the test decides.
+fn experiment_losers(control: Option<u64>, verdicts: &BTreeMap<u64, (Comparison, Verdict)>) -> BTreeMap<u64, String> {
+    let mut lost: BTreeMap<u64, String> = verdicts
+        .iter()
+        .filter(|(_, (_, v))| *v == Verdict::Worse)
+        .map(|(&v, (c, _))| {
+            let why = format!(
+                "the sequential test found it worse than the control (difference {:.4}, p = {:.5})",
+                c.difference, c.p_value
+            );
+            (v, why)
+        })
+        .collect();
+    let best = verdicts
+        .iter()
+        .filter(|(_, (_, v))| *v == Verdict::Better)
+        .max_by(|a, b| a.1.0.difference.total_cmp(&b.1.0.difference));
+    let all_decided = verdicts.values().all(|(_, v)| *v != Verdict::Continue);
+    if let (Some(control), Some((winner, (c, _))), true) = (control, best, all_decided) {
+        let why = format!(
+            "the sequential test found version {winner} better than it (difference {:.4}, p = {:.5})",
+            c.difference, c.p_value
+        );
+        lost.entry(control).or_insert(why);
+    }
+    lost
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(difference: f64, v: Verdict) -> (Comparison, Verdict) {
+        (Comparison { difference, p_value: 0.001, ..Comparison::START }, v)
+    }
+
+    #[test]
+    fn the_control_loses_only_when_no_variant_still_needs_it() {
+        let none = experiment_losers(Some(1), &BTreeMap::from([(2, verdict(0.1, Verdict::Continue))]));
+        assert!(none.is_empty());
+        // Two variants: the control loses as soon as its challenger wins.
+        let two = experiment_losers(Some(1), &BTreeMap::from([(2, verdict(0.5, Verdict::Better))]));
+        assert_eq!(two.keys().collect::<Vec<_>>(), [&1]);
+        assert!(two[&1].contains("found version 2 better"), "{two:?}");
+        // Three: one winner, one still measured against the control: the control stays.
+        let three = BTreeMap::from([(2, verdict(0.5, Verdict::Better)), (3, verdict(0.2, Verdict::Continue))]);
+        assert!(experiment_losers(Some(1), &three).is_empty());
+        // Once the third is decided too, the control goes, named by the best of the better ones.
+        let three = BTreeMap::from([
+            (2, verdict(0.5, Verdict::Better)),
+            (3, verdict(0.8, Verdict::Better)),
+            (4, verdict(-0.4, Verdict::Worse)),
+        ]);
+        let lost = experiment_losers(Some(1), &three);
+        assert_eq!(lost.keys().collect::<Vec<_>>(), [&1, &4]);
+        assert!(lost[&1].contains("found version 3 better"), "{lost:?}");
+        assert!(lost[&4].contains("worse than the control"), "{lost:?}");
+    }
 }

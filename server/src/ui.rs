@@ -2,7 +2,7 @@
 //! fetched at run time) that drive the JSON API, and a login that trades a token for a session.
 //!
 //! A session is a token of its own (the same user and confinement, `console session`, expiring
-//! after [`SESSION_TTL_MS`] or with the token it came from), carried in an `HttpOnly`,
+//! after [`SESSION_TTL_MS`], and revoked with the token it came from), carried in an `HttpOnly`,
 //! `SameSite=Strict` cookie: revoking it or the user's membership ends it like any token, and
 //! logging out revokes it.
 
@@ -81,8 +81,19 @@ struct Login {
     token: String,
 }
 
+/// Logging in and out changes the browser's session, so only the console's own scripts may do it
+/// (another site's form cannot send the header): no login or logout forgery.
+fn from_console(headers: &HeaderMap) -> Result<(), ApiError> {
+    if headers.contains_key(CONSOLE_HEADER) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!("log in and out from the console (header {CONSOLE_HEADER:?})")))
+    }
+}
+
 /// Checks the token and answers with a session cookie and who the user is.
 pub async fn login(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    from_console(&headers)?;
     if !st.auth.enabled {
         return Ok(axum::Json(json!({ "user": null, "auth": "off" })).into_response());
     }
@@ -100,6 +111,8 @@ pub async fn login(State(st): State<Arc<AppState>>, headers: HeaderMap, body: By
         namespace: principal.scope.clone(),
         description: "console session".into(),
         ttl_ms: Some(ttl_ms.max(1)),
+        // A session traded for a session still dies with the token the user typed.
+        parent: Some(principal.parent.clone().unwrap_or_else(|| principal.token_id.clone())),
     };
     let (token, _) = st.registry.create_token(&request).await?;
     tracing::info!(user = principal.user, "console login");
@@ -110,6 +123,7 @@ pub async fn login(State(st): State<Arc<AppState>>, headers: HeaderMap, body: By
 
 /// Revokes the session's token and clears the cookie.
 pub async fn logout(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    from_console(&headers)?;
     if let Some(token) = session(&headers)
         && let Ok(Ok(p)) = st.auth.resolve(&st, token).await
     {

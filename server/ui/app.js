@@ -10,6 +10,7 @@ const WINDOW = 60; // live samples kept (two minutes at REFRESH_MS)
 
 let me = null; // GET /v1/whoami
 let timer = null; // the current page's refresh
+let generation = 0; // bumped by every render: an older one still loading starts no refresh
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const esc = (v) =>
@@ -466,12 +467,18 @@ function derive(prev, now) {
     const p = prev.versions.find((x) => x.version === v.version);
     if (!p || dt <= 0) continue;
     const done = v.success + v.failure - (p.success + p.failure);
+    // Counters only grow, unless the version was reloaded or the server restarted: no rate then.
+    if (done < 0 || v.failure < p.failure || v.batch_size.count < p.batch_size.count) continue;
     const batches = v.batch_size.count - p.batch_size.count;
     const queued = v.queue_seconds.count - p.queue_seconds.count;
+    const ms = (q) => {
+      const s = quantile(q, v.request_seconds, p.request_seconds);
+      return s == null ? null : 1000 * s;
+    };
     out[v.version] = {
       rps: done / dt,
-      p50: done ? 1000 * quantile(0.5, v.request_seconds, p.request_seconds) : null,
-      p99: done ? 1000 * quantile(0.99, v.request_seconds, p.request_seconds) : null,
+      p50: ms(0.5),
+      p99: ms(0.99),
       errors: done ? (100 * (v.failure - p.failure)) / done : 0,
       batch: batches ? (v.batch_size.sum - p.batch_size.sum) / batches : null,
       queue: queued ? (1000 * (v.queue_seconds.sum - p.queue_seconds.sum)) / queued : null,
@@ -499,10 +506,12 @@ function drawLive(samples) {
     .join("");
   const line = (field, dash) =>
     versions.map((v) => ({ label: `v${v}`, color: color(v), dash, points: series.map((s) => [s.t, s.by[v] ? s.by[v][field] : null]) }));
-  lineChart($("#chart-rps"), line("rps"));
-  lineChart($("#chart-latency"), line("p50").concat(line("p99", [4, 3]).map((s) => ({ ...s, label: `${s.label} p99` }))));
-  lineChart($("#chart-errors"), line("errors"));
-  lineChart($("#chart-queue"), line("queue"));
+  // The time axis ends at the newest reading, on the server's clock (the browser's may differ).
+  const end = samples[samples.length - 1].at_ms;
+  lineChart($("#chart-rps"), end, line("rps"));
+  lineChart($("#chart-latency"), end, line("p50").concat(line("p99", [4, 3]).map((s) => ({ ...s, label: `${s.label} p99` }))));
+  lineChart($("#chart-errors"), end, line("errors"));
+  lineChart($("#chart-queue"), end, line("queue"));
   // Batch sizes: executed batches per bucket between the oldest and newest reading.
   const first = samples[0];
   const now = samples[samples.length - 1];
@@ -537,11 +546,10 @@ function legend(g, w, items) {
   }
 }
 
-function lineChart(canvas, series) {
+function lineChart(canvas, now, series) {
   const { g, w, h } = canvas2d(canvas);
   const pad = { l: 42, r: 8, t: 18, b: 16 };
   const all = series.flatMap((s) => s.points).filter((p) => p[1] != null);
-  const now = Date.now();
   const t0 = now - WINDOW * REFRESH_MS;
   const top = Math.max(0, ...all.map((p) => p[1]));
   const max = top > 0 ? top * 1.15 : 1;
@@ -634,6 +642,7 @@ async function whoami() {
 }
 
 async function render() {
+  const mine = ++generation;
   clearInterval(timer);
   timer = null;
   const main = $("#main");
@@ -644,12 +653,18 @@ async function render() {
     if (!me) await whoami();
     if (!me) return;
     let refresh = null;
-    if (route.startsWith("/model/")) refresh = await modelPage(main, decodeURIComponent(route.slice(7)));
+    if (route.startsWith("/model/")) {
+      const name = decodeURIComponent(route.slice(7));
+      if (name.split("/").some((part) => part === "" || part === "." || part === "..")) {
+        throw new ApiError(400, `no model is called ${JSON.stringify(name)}`);
+      }
+      refresh = await modelPage(main, name);
+    }
     else if (route === "/events") refresh = await eventsPage(main, params);
     else if (route === "/push") await pushPage(main);
     else await modelsPage(main);
-    if (refresh) {
-      const mine = (timer = setInterval(() => refresh().catch((e) => mine === timer && toast(e.message, true)), REFRESH_MS));
+    if (refresh && mine === generation) {
+      timer = setInterval(() => refresh().catch((e) => mine === generation && toast(e.message, true)), REFRESH_MS);
     }
   } catch (e) {
     if (e.status !== 401) main.innerHTML = `<p class="error">${esc(e.message)}</p>`;
@@ -661,7 +676,7 @@ window.addEventListener("hashchange", async () => {
   render();
 });
 $("#logout").addEventListener("click", async () => {
-  await fetch("/ui/logout", { method: "POST", credentials: "same-origin" });
+  await fetch("/ui/logout", { method: "POST", credentials: "same-origin", headers: { "x-algolink-console": "1" } });
   me = null;
   await whoami();
   location.hash = "#/login";

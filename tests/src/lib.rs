@@ -100,8 +100,23 @@ impl TestServer {
 
     /// A call with a bearer token (when given) and a raw body (when given); status and JSON out.
     pub async fn call_as(&self, token: Option<&str>, method: &str, path: &str, body: Option<Vec<u8>>) -> (u16, Value) {
+        self.call_with(token, method, path, body, &[]).await
+    }
+
+    /// Like `call_as`, with extra request headers.
+    pub async fn call_with(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut r = self.client.request(method, self.url(path));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
         if let Some(t) = token {
             r = r.bearer_auth(t);
         }
@@ -196,5 +211,19 @@ pub fn python_venv(modules: &str, packages: &[&str]) -> PathBuf {
         assert!(status.success(), "installing {packages:?} into {}", venv.display());
         assert!(ready(&python), "import {modules} still fails after installing {packages:?}");
     }
+    python
+}
+
+/// [`python_venv`] with this checkout's Python client installed in it, as a user would
+/// (`pip install ./clients/python`; its dependencies come from `packages`).
+pub fn python_venv_with_client(modules: &str, packages: &[&str]) -> PathBuf {
+    let python = python_venv(modules, packages);
+    let client = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("clients").join("python");
+    let installed = std::process::Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall"])
+        .arg(&client)
+        .status()
+        .expect("running pip");
+    assert!(installed.success(), "pip install {}", client.display());
     python
 }

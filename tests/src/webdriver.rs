@@ -5,6 +5,8 @@
 //! the tests already use, rather than a WebDriver crate that would bring a TLS stack for a
 //! connection to localhost.
 
+use std::future::Future;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,6 +40,22 @@ pub fn ensure_chromium() -> Result<()> {
     Ok(())
 }
 
+/// Runs `attempt` every `every` until it succeeds or `limit` has passed (then its last error).
+async fn retry<T, F, Fut>(limit: Duration, every: Duration, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(every).await,
+        }
+    }
+}
+
 /// A browser session; the browser and its driver end when it is dropped.
 pub struct Browser {
     http: reqwest::Client,
@@ -51,28 +69,26 @@ impl Browser {
     /// Starts ChromeDriver on a free port and opens a headless Chromium window of 1280×1000.
     pub async fn start(artifacts: PathBuf) -> Result<Browser> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        // A process group of its own: the browsers it starts end with it (see `Drop`).
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .context("starting chromedriver")?;
         let http = reqwest::Client::new();
         let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = http.get(format!("{base}/status")).send().await;
-            if let Ok(r) = ready
-                && let Ok(v) = r.json::<Value>().await
-                && v["value"]["ready"] == true
-            {
-                break;
+        let status = format!("{base}/status");
+        let (h, status) = (&http, status.as_str());
+        retry(Duration::from_secs(30), Duration::from_millis(100), || async move {
+            let v: Value = h.get(status).send().await?.json().await?;
+            if v["value"]["ready"] != true {
+                bail!("chromedriver did not become ready on port {port}: {v}");
             }
-            if Instant::now() > deadline {
-                bail!("chromedriver did not become ready on port {port}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok(())
+        })
+        .await?;
         let capabilities = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -121,41 +137,30 @@ impl Browser {
 
     /// Waits (up to 20 s) until `css` matches an element whose text satisfies `want`.
     pub async fn wait_text(&self, css: &str, what: &str, want: impl Fn(&str) -> bool) -> Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = self.text(css).await?;
-            if let Some(t) = &text
-                && want(t)
-            {
-                return Ok(t.clone());
+        let want = &want;
+        retry(Duration::from_secs(20), Duration::from_millis(150), || async move {
+            match self.text(css).await? {
+                Some(t) if want(&t) => Ok(t),
+                text => bail!("waited 20 s for {css} to show {what}; it shows {text:?}"),
             }
-            if Instant::now() > deadline {
-                bail!("waited 20 s for {css} to show {what}; it shows {text:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
+        })
+        .await
     }
 
     async fn element(&self, css: &str) -> Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self
-                .call(reqwest::Method::POST, "/element", Some(json!({ "using": "css selector", "value": css })))
-                .await
-            {
-                // The reference is the only value of the object, whatever its key.
-                Ok(found) => {
-                    return found
-                        .as_object()
-                        .and_then(|o| o.values().next())
-                        .and_then(Value::as_str)
-                        .map(String::from)
-                        .ok_or_else(|| anyhow!("no element reference for {css}: {found}"));
-                }
-                Err(e) if Instant::now() > deadline => return Err(e.context(format!("finding {css}"))),
-                Err(_) => tokio::time::sleep(Duration::from_millis(150)).await,
-            }
-        }
+        let query = json!({ "using": "css selector", "value": css });
+        let found = retry(Duration::from_secs(20), Duration::from_millis(150), || {
+            self.call(reqwest::Method::POST, "/element", Some(query.clone()))
+        })
+        .await
+        .with_context(|| format!("finding {css}"))?;
+        // The reference is the only value of the object, whatever its key.
+        found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| anyhow!("no element reference for {css}: {found}"))
     }
 
     pub async fn exists(&self, css: &str) -> Result<bool> {
@@ -178,14 +183,12 @@ impl Browser {
 
     /// Accepts the confirmation dialog that is open (waiting for it), returning its question.
     pub async fn accept_dialog(&self) -> Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let question = loop {
-            match self.call(reqwest::Method::GET, "/alert/text", None).await {
-                Ok(text) => break text.as_str().unwrap_or_default().to_string(),
-                Err(e) if Instant::now() > deadline => return Err(e.context("no dialog opened")),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
+        let question = retry(Duration::from_secs(10), Duration::from_millis(100), || {
+            self.call(reqwest::Method::GET, "/alert/text", None)
+        })
+        .await
+        .context("no dialog opened")?;
+        let question = question.as_str().unwrap_or_default().to_string();
         self.call(reqwest::Method::POST, "/alert/accept", Some(json!({}))).await?;
         Ok(question)
     }
@@ -199,16 +202,18 @@ impl Browser {
         Ok(path)
     }
 
-    pub async fn close(mut self) -> Result<()> {
+    pub async fn close(self) -> Result<()> {
         let _ = self.http.delete(&self.session).send().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-        Ok(())
+        Ok(()) // `Drop` ends the processes
     }
 }
 
 impl Drop for Browser {
+    /// Ends ChromeDriver and the browsers it started (its process group), also when a test
+    /// fails half-way.
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.driver.id())]).status();
         let _ = self.driver.kill();
+        let _ = self.driver.wait();
     }
 }

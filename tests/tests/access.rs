@@ -80,7 +80,8 @@ fn table() -> Vec<(&'static str, &'static str, Need)> {
         ("GET", "/v1/tokens", Token),
         // The target is a token of another member, confined to `team`.
         ("DELETE", "/v1/tokens/{id}", role(Admin)),
-        // The console's assets hold no data; its login checks the token it is given.
+        // The console's assets hold no data; its login checks the token it is given (and, like
+        // logout, that the console's script sent it: see the session test).
         ("GET", "/ui", Anyone),
         ("GET", "/ui/app.js", Anyone),
         ("GET", "/ui/app.css", Anyone),
@@ -224,7 +225,9 @@ async fn every_route_answers_every_role_as_the_table_says() {
                 Need::Role(r) => role.is_some_and(|have| have >= r),
                 Need::Owner => *who == "owner",
             };
-            let (status, answer) = server.call_as(token.as_deref(), method, &path, body.clone()).await;
+            let console: &[(&str, &str)] =
+                if pattern.starts_with("/ui/log") { &[("x-algolink-console", "1")] } else { &[] };
+            let (status, answer) = server.call_with(token.as_deref(), method, &path, body.clone(), console).await;
             if let Some(t) = answer.get("token").and_then(Value::as_str) {
                 secrets.push(t.to_string());
             }
@@ -359,7 +362,14 @@ async fn a_console_session_is_a_token_in_a_strict_cookie() {
     ok_as(&server, &owner, "PUT", "/v1/namespaces/team/members/ann", json!({ "role": "publisher" })).await;
     let ann = token_for(&server, &owner, "ann", json!({})).await;
 
-    let login = |token: &str| server.client.post(server.url("/ui/login")).json(&json!({ "token": token })).send();
+    let login = |token: &str| {
+        let r = server.client.post(server.url("/ui/login")).header("x-algolink-console", "1");
+        r.json(&json!({ "token": token })).send()
+    };
+    // Only the console's script logs in: a form on another site cannot plant its token's session.
+    let forged = server.client.post(server.url("/ui/login")).json(&json!({ "token": &ann })).send().await.unwrap();
+    assert_eq!(forged.status(), 403);
+    assert!(forged.headers().get("set-cookie").is_none());
     let r = login("alk_0_bad").await.unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers().get("set-cookie").is_none());
@@ -401,11 +411,24 @@ async fn a_console_session_is_a_token_in_a_strict_cookie() {
         tokens.as_array().unwrap().iter().filter(|t| t["description"] == "console session").collect();
     assert_eq!(sessions.len(), 1, "{tokens}");
     assert!(sessions[0]["expires_at_ms"].as_u64().is_some(), "{tokens}");
-    let r = server.client.post(server.url("/ui/logout")).header("cookie", &cookie).send().await.unwrap();
+    let logout = server.client.post(server.url("/ui/logout")).header("cookie", &cookie);
+    assert_eq!(logout.try_clone().unwrap().send().await.unwrap().status(), 403, "logout only from the console");
+    let r = logout.header("x-algolink-console", "1").send().await.unwrap();
     assert_eq!(r.status(), 204);
     assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
     assert_eq!(get("/v1/whoami").await.unwrap().status(), 401);
     ok_as(&server, &ann, "GET", "/v1/whoami", json!({})).await;
+
+    // A session dies with the token it was traded for.
+    let r = login(&ann).await.unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let get = |path: &str| server.client.get(server.url(path)).header("cookie", &cookie).send();
+    assert_eq!(get("/v1/whoami").await.unwrap().status(), 200);
+    let ann_id = ann.split('_').nth(1).unwrap();
+    ok_as(&server, &ann, "DELETE", &format!("/v1/tokens/{ann_id}"), json!({})).await;
+    let r = get("/v1/whoami").await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("revoked"));
 
     // The console itself is served to anyone (it holds no data), with a strict content policy.
     let page = server.client.get(server.url("/ui")).send().await.unwrap();

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use algolink_tests::{TestServer, fixture, python_venv};
+use algolink_tests::{TestServer, fixture, python_venv_with_client};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -14,20 +14,13 @@ async fn the_python_client_passes_its_tests_against_a_real_server() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let client_dir = root.join("clients").join("python");
     let python = tokio::task::spawn_blocking(|| {
-        python_venv(
+        python_venv_with_client(
             "numpy, sklearn, skl2onnx, onnx, torch, pytest",
             &["numpy", "scikit-learn", "skl2onnx", "onnx", "torch", "pytest"],
         )
     })
     .await
     .unwrap();
-    // Install this checkout's client (no dependencies to fetch: they are above).
-    let installed = Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall"])
-        .arg(&client_dir)
-        .status()
-        .expect("pip");
-    assert!(installed.success(), "pip install ./clients/python");
 
     let server = TestServer::start("[auth]\nmode = \"on\"\n").await;
     let owner = server.owner_token();

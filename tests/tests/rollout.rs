@@ -115,6 +115,15 @@ async fn healthy_canary_is_promoted_slow_and_failing_ones_rolled_back_without_a_
     let started = event(&server, "rollout_started", 4).await;
     assert_eq!(started["version"], 6, "{started}");
     let log = server.ok("GET", "/v1/events?model=m", None).await;
+    // The same events newest first (up to a fixed id: the rollout goes on meanwhile).
+    let end = log.as_array().unwrap().last().unwrap()["id"].as_u64().unwrap() + 1;
+    let oldest = server.ok("GET", &format!("/v1/events?model=m&before={end}&limit=1000"), None).await;
+    let newest = server.ok("GET", &format!("/v1/events?model=m&before={end}&limit=1000&order=newest"), None).await;
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|e| e["id"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(ids(&newest), ids(&oldest).into_iter().rev().collect::<Vec<_>>());
+    let (status, body) = server.call("GET", "/v1/events?order=sideways", None).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("newest"), "{body}");
     let log = log.as_array().unwrap();
     let position = |pred: &dyn Fn(&Value) -> bool| log.iter().position(pred).unwrap();
     let v5_ended = position(&|e| e["version"] == 5 && (e["kind"] == "promoted" || e["kind"] == "rolled_back"));

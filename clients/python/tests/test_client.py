@@ -114,6 +114,31 @@ def test_split_feedback_and_experiment(client):
     assert "pushed" in kinds and "traffic" in kinds
 
 
+def test_metadata_follows_new_versions(client):
+    import io
+
+    import torch
+
+    # A client remembers a model's inputs; a new version names its input differently: the next
+    # predict notices the refusal, asks again and succeeds.
+    net = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()
+    x = np.zeros((3, 4), np.float32)
+    client.push(net, "lab/renamed", sample=x[:1])
+    fresh = Client(URL, token=TOKEN)
+    assert fresh.predict("lab/renamed", x)["output"].shape == (3, 2)
+    buf = io.BytesIO()
+    torch.onnx.export(net, (torch.zeros(1, 4),), buf, input_names=["features"], output_names=["output"],
+                      dynamic_axes={"features": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+    client.push(buf.getvalue(), "lab/renamed")
+    assert fresh.predict("lab/renamed", x)["output"].shape == (3, 2)
+    assert [i["name"] for i in fresh.metadata("lab/renamed")["inputs"]] == ["features"]
+
+
+def test_bytes_that_json_cannot_carry_are_refused_clearly(client):
+    with pytest.raises(ValueError, match="not UTF-8"):
+        client.predict("lab/iris", np.array([b"\xff"], dtype=object), binary=False)
+
+
 def test_errors_are_clear(client):
     with pytest.raises(AlgoLinkError) as e:
         client.predict("lab/nope", np.zeros((1, 4), np.float32))

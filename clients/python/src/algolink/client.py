@@ -3,6 +3,7 @@ management API, over the standard library's HTTP client."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -173,6 +174,10 @@ class Client:
             raise AlgoLinkError(e.code, f"{method} {path}: {message}") from None
         except urllib.error.URLError as e:
             raise AlgoLinkError(0, f"cannot reach {self.url}: {e.reason}") from None
+        except TimeoutError:
+            raise AlgoLinkError(0, f"{method} {path}: no answer within {self.timeout} s") from None
+        except (ConnectionError, http.client.HTTPException) as e:
+            raise AlgoLinkError(0, f"{method} {path}: the connection failed: {e}") from None
         if raw:
             return payload, answer_headers
         return json.loads(payload) if payload else None
@@ -263,7 +268,18 @@ class Client:
         strings become BYTES) and returns its outputs as numpy arrays. `key` pins the request to
         a route variant (the same key, the same variant); `version` asks one version directly.
         More rows than the model's `max_batch_size` are sent in several requests, all on the
-        variant of the first, and joined again."""
+        variant of the first, and joined again. BYTES outputs are arrays of `bytes` objects."""
+        try:
+            return self._predict(name, inputs, version, key, outputs, binary, request_id)
+        except AlgoLinkError as e:
+            # The metadata this client remembered may be that of an older version (a new one
+            # was pushed, with other inputs): ask again, and retry once if it changed.
+            old = self._metadata.pop((name, version), None)
+            if e.status != 400 or old is None or self._meta(name, version) == old:
+                raise
+            return self._predict(name, inputs, version, key, outputs, binary, request_id)
+
+    def _predict(self, name, inputs, version, key, outputs, binary, request_id) -> Prediction:
         meta = self._meta(name, version)
         declared = meta["inputs"]
         if not isinstance(inputs, Mapping):
@@ -310,7 +326,12 @@ class Client:
                 if binary:
                     blob = b"".join(struct.pack("<I", len(s)) + s for s in items)
                 else:
-                    t["data"] = [s.decode() for s in items]
+                    try:
+                        t["data"] = [s.decode() for s in items]
+                    except UnicodeDecodeError:
+                        raise ValueError(
+                            f"input {input_name!r} holds bytes that are not UTF-8: JSON cannot carry them, use binary=True"
+                        ) from None
             else:
                 datatype = _DATATYPES.get(a.dtype.newbyteorder("="))
                 if datatype is None:
@@ -351,6 +372,8 @@ class Client:
         out, offset = {}, 0
         for o in header.get("outputs", []):
             shape, datatype = o["shape"], o["datatype"]
+            if datatype != "BYTES" and datatype not in _DTYPES:
+                raise AlgoLinkError(0, f"output {o['name']!r} has datatype {datatype!r}, which this client does not know")
             size = (o.get("parameters") or {}).get("binary_data_size")
             if size is not None:
                 chunk = bytes(rest[offset : offset + size])
@@ -364,9 +387,13 @@ class Client:
                     array = np.array(items, dtype=object)
                 else:
                     array = np.frombuffer(chunk, dtype=_DTYPES[datatype]).copy()
+            elif datatype == "BYTES":
+                # As in the binary form: bytes, whichever way they travelled.
+                items = [d.encode() if isinstance(d, str) else bytes(d) for d in o.get("data", [])]
+                array = np.empty(len(items), dtype=object)
+                array[:] = items
             else:
-                dtype = object if datatype == "BYTES" else _DTYPES[datatype]
-                array = np.asarray(o.get("data", []), dtype=dtype)
+                array = np.asarray(o.get("data", []), dtype=_DTYPES[datatype])
             out[o["name"]] = array.reshape(shape)
         version = header.get("model_version") or headers.get("x-algolink-version")
         return Prediction(
