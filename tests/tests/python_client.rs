@@ -58,6 +58,6 @@ async fn the_python_client_passes_its_tests_against_a_real_server() {
         "the client's tests failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("5 passed"), "{stdout}");
+    assert!(stdout.contains("7 passed"), "{stdout}");
     server.stop().await;
 }
