@@ -188,8 +188,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// The caller of a request: `Open` with auth off, else the principal behind its bearer token or,
 /// for the console, its session cookie. A session may change things only from the console's own
-/// scripts (they send [`crate::ui::CONSOLE_HEADER`], which another site's page cannot without a
-/// CORS grant we never give): no cross-site request forgery.
+/// scripts ([`crate::ui::require_console`]): no cross-site request forgery.
 async fn caller(st: &AppState, parts: &axum::http::request::Parts) -> Result<Caller, ApiError> {
     if !st.auth.enabled {
         return Ok(Caller::Open);
@@ -197,11 +196,8 @@ async fn caller(st: &AppState, parts: &axum::http::request::Parts) -> Result<Cal
     let token = match (bearer(&parts.headers), crate::ui::session(&parts.headers)) {
         (Some(token), _) => token,
         (None, Some(session)) => {
-            if !parts.method.is_safe() && !parts.headers.contains_key(crate::ui::CONSOLE_HEADER) {
-                return Err(ApiError::Forbidden(format!(
-                    "a console session changes things only from the console (header {:?})",
-                    crate::ui::CONSOLE_HEADER
-                )));
+            if !parts.method.is_safe() {
+                crate::ui::require_console(&parts.headers, "a console session changes things")?;
             }
             session
         }

@@ -666,46 +666,59 @@ fn status_interval(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Adds the histogram `h` (`{le, cumulative, count}`) to `sum`, bucket by bucket (the versions of
-/// a model share their bounds): a model's p99 comes from all its requests, not the worst version's.
-fn add_histogram(sum: &mut serde_json::Value, h: &serde_json::Value) {
-    use serde_json::{Value, json};
-    let cum = |v: &Value| -> Vec<u64> {
-        v["cumulative"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect()
-    };
-    let (mut total, add) = (cum(sum), cum(h));
-    total.resize(total.len().max(add.len()), 0);
-    for (t, a) in total.iter_mut().zip(add) {
-        *t += a;
-    }
-    let le = if sum["le"].is_array() { sum["le"].clone() } else { h["le"].clone() };
-    let count = sum["count"].as_u64().unwrap_or(0) + h["count"].as_u64().unwrap_or(0);
-    *sum = json!({ "le": le, "cumulative": total, "count": count });
+/// A latency histogram as `/v1/models/{name}/live` reports it: `{le, cumulative, count}`.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Histogram {
+    le: Vec<f64>,
+    cumulative: Vec<u64>,
+    count: u64,
 }
 
-/// The q-quantile (seconds) of what a histogram `{le, cumulative, count}` gained between readings.
-fn quantile_between(q: f64, before: &serde_json::Value, now: &serde_json::Value) -> Option<f64> {
-    let cum = |h: &serde_json::Value| -> Vec<u64> {
-        h["cumulative"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_u64).collect()
-    };
-    let (a, b) = (cum(before), cum(now));
-    let le: Vec<f64> = now["le"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_f64).collect();
-    let count = now["count"].as_u64()?.checked_sub(before["count"].as_u64().unwrap_or(0))?;
-    if count == 0 {
-        return None;
-    }
-    let target = q * count as f64;
-    let mut below = 0u64;
-    for (i, bound) in le.iter().enumerate() {
-        let c = b.get(i).copied().unwrap_or(0).saturating_sub(a.get(i).copied().unwrap_or(0));
-        if c as f64 >= target {
-            let lower = if i == 0 { 0.0 } else { le[i - 1] };
-            let share = if c > below { (target - below as f64) / (c - below) as f64 } else { 1.0 };
-            return Some(lower + (bound - lower) * share);
+impl Histogram {
+    /// Missing or malformed parts read as empty (a version that did not exist yet).
+    fn from_json(h: &serde_json::Value) -> Histogram {
+        let list = |k: &str| h[k].as_array().cloned().unwrap_or_default();
+        Histogram {
+            le: list("le").iter().filter_map(serde_json::Value::as_f64).collect(),
+            cumulative: list("cumulative").iter().filter_map(serde_json::Value::as_u64).collect(),
+            count: h["count"].as_u64().unwrap_or(0),
         }
-        below = c;
     }
-    le.last().copied()
+
+    /// Adds `other` bucket by bucket (the versions of a model share their bounds): a model's
+    /// p99 comes from all its requests, not from the worst version's.
+    fn add(&mut self, other: &Histogram) {
+        if self.le.is_empty() {
+            self.le.clone_from(&other.le);
+        }
+        self.cumulative.resize(self.cumulative.len().max(other.cumulative.len()), 0);
+        for (t, a) in self.cumulative.iter_mut().zip(&other.cumulative) {
+            *t += a;
+        }
+        self.count += other.count;
+    }
+
+    /// The q-quantile (seconds) of what was observed between `before` and this reading.
+    fn quantile_since(&self, before: &Histogram, q: f64) -> Option<f64> {
+        let count = self.count.checked_sub(before.count).filter(|&c| c > 0)?;
+        let target = q * count as f64;
+        let mut below = 0u64;
+        for (i, bound) in self.le.iter().enumerate() {
+            let c = self
+                .cumulative
+                .get(i)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(before.cumulative.get(i).copied().unwrap_or(0));
+            if c as f64 >= target {
+                let lower = if i == 0 { 0.0 } else { self.le[i - 1] };
+                let share = if c > below { (target - below as f64) / (c - below) as f64 } else { 1.0 };
+                return Some(lower + (bound - lower) * share);
+            }
+            below = c;
+        }
+        self.le.last().copied()
+    }
 }
 
 async fn status(api: &Api, interval_s: f64) -> anyhow::Result<String> {
@@ -735,7 +748,7 @@ async fn status(api: &Api, interval_s: f64) -> anyhow::Result<String> {
         let (a, b) = (&first[&name], &second[&name]);
         let dt = (b["at_ms"].as_f64().unwrap_or(0.0) - a["at_ms"].as_f64().unwrap_or(0.0)).max(1.0) / 1000.0;
         let (mut done, mut failed) = (0u64, 0u64);
-        let (mut latency_before, mut latency_now) = (Value::Null, Value::Null);
+        let (mut latency_before, mut latency_now) = (Histogram::default(), Histogram::default());
         for v in b["versions"].as_array().into_iter().flatten() {
             let before = a["versions"]
                 .as_array()
@@ -748,10 +761,10 @@ async fn status(api: &Api, interval_s: f64) -> anyhow::Result<String> {
             done += (n(v, "success") + n(v, "failure")).saturating_sub(n(&before, "success") + n(&before, "failure"));
             failed += n(v, "failure").saturating_sub(n(&before, "failure"));
             // A version loaded between the readings counts from zero.
-            add_histogram(&mut latency_before, &before["request_seconds"]);
-            add_histogram(&mut latency_now, &v["request_seconds"]);
+            latency_before.add(&Histogram::from_json(&before["request_seconds"]));
+            latency_now.add(&Histogram::from_json(&v["request_seconds"]));
         }
-        let p99 = quantile_between(0.99, &latency_before, &latency_now);
+        let p99 = latency_now.quantile_since(&latency_before, 0.99);
         let traffic = m["traffic"]["variants"]
             .as_array()
             .into_iter()
@@ -858,23 +871,27 @@ mod status_tests {
 
     #[test]
     fn a_model_p99_merges_its_versions() {
-        let h = |c: [u64; 3], n: u64| serde_json::json!({ "le": [0.001, 0.01, 0.1], "cumulative": c, "count": n });
-        let mut sum = serde_json::Value::Null;
+        let h = |c: [u64; 3], n: u64| {
+            Histogram::from_json(&json!({ "le": [0.001, 0.01, 0.1], "cumulative": c, "count": n }))
+        };
+        let mut sum = Histogram::default();
         // 99 fast requests on one version, one slow on the other: p99 is fast, not the slow one's.
-        add_histogram(&mut sum, &h([99, 99, 99], 99));
-        add_histogram(&mut sum, &h([0, 0, 1], 1));
+        sum.add(&h([99, 99, 99], 99));
+        sum.add(&h([0, 0, 1], 1));
         assert_eq!(sum, h([99, 99, 100], 100));
-        assert!(quantile_between(0.99, &serde_json::Value::Null, &sum).unwrap() <= 0.001);
+        assert!(sum.quantile_since(&Histogram::from_json(&serde_json::Value::Null), 0.99).unwrap() <= 0.001);
         assert!(status_interval("NaN").is_err() && status_interval("inf").is_err() && status_interval("0").is_err());
         assert_eq!(status_interval("2.5"), Ok(2.5));
     }
 
     #[test]
     fn p99_comes_from_what_the_histogram_gained() {
-        let h = |cum: [u64; 3], count: u64| json!({ "le": [0.001, 0.01, 0.1], "cumulative": cum, "count": count });
+        let h = |cum: [u64; 3], count: u64| {
+            Histogram::from_json(&json!({ "le": [0.001, 0.01, 0.1], "cumulative": cum, "count": count }))
+        };
         // 100 new requests: 90 under 1 ms, 10 in (1 ms, 10 ms].
-        let p99 = quantile_between(0.99, &h([5, 5, 5], 5), &h([95, 105, 105], 105)).unwrap();
+        let p99 = h([95, 105, 105], 105).quantile_since(&h([5, 5, 5], 5), 0.99).unwrap();
         assert!((p99 - 0.0091).abs() < 1e-9, "{p99}");
-        assert_eq!(quantile_between(0.99, &h([5, 5, 5], 5), &h([5, 5, 5], 5)), None);
+        assert_eq!(h([5, 5, 5], 5).quantile_since(&h([5, 5, 5], 5), 0.99), None);
     }
 }

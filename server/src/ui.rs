@@ -81,19 +81,20 @@ struct Login {
     token: String,
 }
 
-/// Logging in and out changes the browser's session, so only the console's own scripts may do it
-/// (another site's form cannot send the header): no login or logout forgery.
-fn from_console(headers: &HeaderMap) -> Result<(), ApiError> {
+/// Refuses a request that did not come from the console's own scripts: they send
+/// [`CONSOLE_HEADER`], which another site's form or page cannot without a CORS grant we never
+/// give. What a session changes, and logging in and out, go through here: no request forgery.
+pub fn require_console(headers: &HeaderMap, what: &str) -> Result<(), ApiError> {
     if headers.contains_key(CONSOLE_HEADER) {
         Ok(())
     } else {
-        Err(ApiError::Forbidden(format!("log in and out from the console (header {CONSOLE_HEADER:?})")))
+        Err(ApiError::Forbidden(format!("{what} only from the console (header {CONSOLE_HEADER:?})")))
     }
 }
 
 /// Checks the token and answers with a session cookie and who the user is.
 pub async fn login(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    from_console(&headers)?;
+    require_console(&headers, "log in")?;
     if !st.auth.enabled {
         return Ok(axum::Json(json!({ "user": null, "auth": "off" })).into_response());
     }
@@ -123,7 +124,7 @@ pub async fn login(State(st): State<Arc<AppState>>, headers: HeaderMap, body: By
 
 /// Revokes the session's token and clears the cookie.
 pub async fn logout(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    from_console(&headers)?;
+    require_console(&headers, "log out")?;
     if let Some(token) = session(&headers)
         && let Ok(Ok(p)) = st.auth.resolve(&st, token).await
     {

@@ -274,8 +274,10 @@ class Client:
         except AlgoLinkError as e:
             # The metadata this client remembered may be that of an older version (a new one
             # was pushed, with other inputs): ask again, and retry once if it changed.
-            old = self._metadata.pop((name, version), None)
-            if e.status != 400 or old is None or self._meta(name, version) == old:
+            if e.status != 400 or (name, version) not in self._metadata:
+                raise
+            old = self._metadata.pop((name, version))
+            if self._meta(name, version) == old:
                 raise
             return self._predict(name, inputs, version, key, outputs, binary, request_id)
 
