@@ -197,11 +197,11 @@ fn parse_token(token: &str) -> Option<(&str, &str)> {
     (hex(id, 12) && hex(secret, 64)).then_some((id, secret))
 }
 
-fn opt_u64(row: &sqlx::sqlite::SqliteRow, column: &str) -> Option<u64> {
+fn opt_u64(row: &sqlx::any::AnyRow, column: &str) -> Option<u64> {
     row.get::<Option<i64>, _>(column).map(|v| v as u64)
 }
 
-fn token_record(row: &sqlx::sqlite::SqliteRow) -> TokenRecord {
+fn token_record(row: &sqlx::any::AnyRow) -> TokenRecord {
     TokenRecord {
         id: row.get("id"),
         user: row.get("user"),
@@ -214,17 +214,17 @@ fn token_record(row: &sqlx::sqlite::SqliteRow) -> TokenRecord {
     }
 }
 
-fn user_record(row: &sqlx::sqlite::SqliteRow) -> UserRecord {
+fn user_record(row: &sqlx::any::AnyRow) -> UserRecord {
     UserRecord {
         name: row.get("name"),
-        owner: row.get("owner"),
+        owner: row.get::<i64, _>("owner") != 0,
         created_at_ms: row.get::<i64, _>("created_at_ms") as u64,
     }
 }
 
 impl Registry {
     pub async fn namespace_exists(&self, name: &str) -> Result<bool, RegistryError> {
-        Ok(sqlx::query("SELECT 1 FROM namespaces WHERE name = ?")
+        Ok(sqlx::query("SELECT 1 FROM namespaces WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
@@ -234,7 +234,7 @@ impl Registry {
     pub async fn create_namespace(&self, name: &str) -> Result<NamespaceRecord, RegistryError> {
         validate_principal_name("namespace", name)?;
         let now = now_ms();
-        let done = sqlx::query("INSERT INTO namespaces (name, created_at_ms) VALUES (?, ?) ON CONFLICT DO NOTHING")
+        let done = sqlx::query("INSERT INTO namespaces (name, created_at_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(name)
             .bind(now as i64)
             .execute(&self.pool)
@@ -250,7 +250,7 @@ impl Registry {
         if !self.namespace_exists(namespace).await? {
             return Err(RegistryError::NamespaceNotFound(namespace.into()));
         }
-        sqlx::query("SELECT user, role FROM members WHERE namespace = ?")
+        sqlx::query("SELECT \"user\", role FROM members WHERE namespace = $1")
             .bind(namespace)
             .fetch_all(&self.pool)
             .await?
@@ -262,7 +262,7 @@ impl Registry {
     pub async fn namespaces(&self) -> Result<Vec<NamespaceRecord>, RegistryError> {
         let rows =
             sqlx::query("SELECT name, created_at_ms FROM namespaces ORDER BY name").fetch_all(&self.pool).await?;
-        let members = sqlx::query("SELECT namespace, user, role FROM members").fetch_all(&self.pool).await?;
+        let members = sqlx::query("SELECT namespace, \"user\", role FROM members").fetch_all(&self.pool).await?;
         let mut out: Vec<NamespaceRecord> = rows
             .iter()
             .map(|r| NamespaceRecord {
@@ -284,8 +284,8 @@ impl Registry {
     pub async fn ensure_user(&self, name: &str, owner: bool) -> Result<UserRecord, RegistryError> {
         validate_principal_name("user", name)?;
         let row = sqlx::query(
-            "INSERT INTO users (name, owner, created_at_ms) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (name) DO UPDATE SET owner = MAX(owner, ?2) RETURNING name, owner, created_at_ms",
+            "INSERT INTO users (name, owner, created_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET owner = (users.owner OR excluded.owner) RETURNING name, CAST(owner AS INTEGER) AS owner, created_at_ms",
         )
         .bind(name)
         .bind(owner)
@@ -296,7 +296,7 @@ impl Registry {
     }
 
     pub async fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
-        let row = sqlx::query("SELECT name, owner, created_at_ms FROM users WHERE name = ?")
+        let row = sqlx::query("SELECT name, CAST(owner AS INTEGER) AS owner, created_at_ms FROM users WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
@@ -314,8 +314,8 @@ impl Registry {
         }
         self.ensure_user(user, false).await?;
         sqlx::query(
-            "INSERT INTO members (namespace, user, role) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (namespace, user) DO UPDATE SET role = ?3",
+            "INSERT INTO members (namespace, \"user\", role) VALUES ($1, $2, $3) \
+             ON CONFLICT (namespace, \"user\") DO UPDATE SET role = excluded.role",
         )
         .bind(namespace)
         .bind(user)
@@ -328,7 +328,7 @@ impl Registry {
     /// Removes `user` from `namespace`, and revokes the user's tokens confined to it.
     pub async fn remove_member(&self, namespace: &str, user: &str) -> Result<(), RegistryError> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("DELETE FROM members WHERE namespace = ? AND user = ?")
+        let done = sqlx::query("DELETE FROM members WHERE namespace = $1 AND \"user\" = $2")
             .bind(namespace)
             .bind(user)
             .execute(&mut *tx)
@@ -336,12 +336,14 @@ impl Registry {
         if done.rows_affected() == 0 {
             return Err(RegistryError::InvalidAccess(format!("{user:?} is not a member of namespace {namespace:?}")));
         }
-        sqlx::query("UPDATE tokens SET revoked_at_ms = ? WHERE user = ? AND namespace = ? AND revoked_at_ms IS NULL")
-            .bind(now_ms() as i64)
-            .bind(user)
-            .bind(namespace)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE tokens SET revoked_at_ms = $1 WHERE \"user\" = $2 AND namespace = $3 AND revoked_at_ms IS NULL",
+        )
+        .bind(now_ms() as i64)
+        .bind(user)
+        .bind(namespace)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -369,8 +371,8 @@ impl Registry {
             parent: req.parent.clone(),
         };
         sqlx::query(
-            "INSERT INTO tokens (id, user, namespace, description, hash, created_at_ms, expires_at_ms, parent) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tokens (id, \"user\", namespace, description, hash, created_at_ms, expires_at_ms, parent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&id)
         .bind(&record.user)
@@ -386,7 +388,7 @@ impl Registry {
     }
 
     pub async fn token(&self, id: &str) -> Result<TokenRecord, RegistryError> {
-        let row = sqlx::query("SELECT * FROM tokens WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM tokens WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -397,7 +399,8 @@ impl Registry {
     /// Tokens of `user` (any user when `None`), confined to `namespace` when given.
     pub async fn tokens(&self, user: Option<&str>, namespace: Option<&str>) -> Result<Vec<TokenRecord>, RegistryError> {
         let rows = sqlx::query(
-            "SELECT * FROM tokens WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR namespace = ?2) ORDER BY created_at_ms",
+            "SELECT * FROM tokens WHERE (CAST($1 AS TEXT) IS NULL OR \"user\" = $1) \
+             AND (CAST($2 AS TEXT) IS NULL OR namespace = $2) ORDER BY created_at_ms, id",
         )
         .bind(user)
         .bind(namespace)
@@ -408,7 +411,7 @@ impl Registry {
 
     /// Revokes the token and the tokens derived from it (its console sessions).
     pub async fn revoke_token(&self, id: &str) -> Result<TokenRecord, RegistryError> {
-        sqlx::query("UPDATE tokens SET revoked_at_ms = COALESCE(revoked_at_ms, ?1) WHERE id = ?2 OR parent = ?2")
+        sqlx::query("UPDATE tokens SET revoked_at_ms = COALESCE(revoked_at_ms, $1) WHERE id = $2 OR parent = $2")
             .bind(now_ms() as i64)
             .bind(id)
             .execute(&self.pool)
@@ -419,7 +422,7 @@ impl Registry {
     /// Resolves a bearer token to its principal. The stored hash is compared in constant time.
     pub async fn authenticate(&self, token: &str) -> Result<Result<Principal, TokenRefusal>, RegistryError> {
         let Some((id, secret)) = parse_token(token) else { return Ok(Err(TokenRefusal::Malformed)) };
-        let Some(row) = sqlx::query("SELECT * FROM tokens WHERE id = ?").bind(id).fetch_optional(&self.pool).await?
+        let Some(row) = sqlx::query("SELECT * FROM tokens WHERE id = $1").bind(id).fetch_optional(&self.pool).await?
         else {
             return Ok(Err(TokenRefusal::Unknown));
         };
@@ -435,7 +438,7 @@ impl Registry {
             return Ok(Err(TokenRefusal::Expired));
         }
         let Some(user) = self.user(&record.user).await? else { return Ok(Err(TokenRefusal::Unknown)) };
-        let roles = sqlx::query("SELECT namespace, role FROM members WHERE user = ?")
+        let roles = sqlx::query("SELECT namespace, role FROM members WHERE \"user\" = $1")
             .bind(&record.user)
             .fetch_all(&self.pool)
             .await?
@@ -492,8 +495,8 @@ mod tests {
 
     #[tokio::test]
     async fn tokens_resolve_expire_and_revoke() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(dir.path()).await.unwrap();
+        let dir = crate::testing::Scratch::new().await.unwrap();
+        let reg = dir.open().await.unwrap();
         reg.create_namespace("team").await.unwrap();
         assert!(matches!(reg.create_namespace("team").await, Err(RegistryError::Conflict(_))));
         assert!(reg.create_namespace("Bad/Name").await.is_err());
@@ -536,11 +539,21 @@ mod tests {
         reg.remove_member("team", "ann").await.unwrap();
         assert_eq!(reg.authenticate(&scoped).await.unwrap(), Err(TokenRefusal::Revoked));
 
-        // Only hashes are stored: the secret appears nowhere in the database files.
+        // Only hashes are stored: the secret appears nowhere in the database (its files, on SQLite).
         let secret = token.rsplit('_').next().unwrap();
-        for file in ["registry.db", "registry.db-wal"] {
-            let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
-            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{file} holds a token secret");
+        let holds = |bytes: &[u8]| bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+        if reg.dialect() == crate::Dialect::Sqlite {
+            for file in ["registry.db", "registry.db-wal"] {
+                assert!(!holds(&std::fs::read(dir.dir.path().join(file)).unwrap_or_default()), "{file} holds a secret");
+            }
+        }
+        for row in sqlx::query("SELECT id, \"user\", description, hash, parent FROM tokens")
+            .fetch_all(&reg.pool)
+            .await
+            .unwrap()
+        {
+            let text = [0, 1, 2, 4].map(|i| row.get::<Option<String>, _>(i).unwrap_or_default()).join(" ");
+            assert!(!holds(text.as_bytes()) && !holds(&row.get::<Vec<u8>, _>(3)), "a token row holds a secret");
         }
     }
 }

@@ -2,8 +2,8 @@
 //! manager that hands out ref-counted handles to loaded versions.
 //!
 //! Architecture invariant: this crate knows neither candle nor HTTP. What it serves is a type
-//! parameter; metadata lives in SQL (SQLite embedded; the queries stay portable for PostgreSQL),
-//! files in a [`BlobStore`] (local disk; S3-compatible storage later behind the same trait).
+//! parameter; metadata lives in SQL (SQLite embedded, or PostgreSQL shared by replicas: one set
+//! of portable queries through sqlx's `Any` driver), files in a [`BlobStore`] (local disk).
 
 pub mod access;
 mod artifact;
@@ -15,6 +15,7 @@ mod manager;
 mod names;
 pub mod policy;
 mod store;
+pub mod testing;
 
 pub use artifact::{ArtifactLimits, Format, unpack};
 pub use blob::{BlobStore, LocalBlobStore, Staged};
@@ -23,4 +24,4 @@ pub use lifecycle::validate_alias;
 pub use lifecycle_store::{Event, EventFilter};
 pub use manager::Manager;
 pub use names::{PATH_WORDS, validate_model_name};
-pub use store::{ModelRecord, Registry, VersionRecord, VersionState};
+pub use store::{Backends, Dialect, ModelRecord, Registry, VersionRecord, VersionState};

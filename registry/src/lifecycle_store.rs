@@ -41,7 +41,7 @@ pub struct EventFilter {
 
 impl Registry {
     pub async fn aliases(&self, model: &str) -> Result<BTreeMap<String, u64>, RegistryError> {
-        let rows = sqlx::query("SELECT alias, version FROM aliases WHERE model = ? ORDER BY alias")
+        let rows = sqlx::query("SELECT alias, version FROM aliases WHERE model = $1 ORDER BY alias")
             .bind(model)
             .fetch_all(&self.pool)
             .await?;
@@ -60,7 +60,7 @@ impl Registry {
         }
         let before = self.aliases(model).await?.get(alias).copied();
         sqlx::query(
-            "INSERT INTO aliases (model, alias, version, updated_at_ms) VALUES (?, ?, ?, ?) \
+            "INSERT INTO aliases (model, alias, version, updated_at_ms) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, updated_at_ms = excluded.updated_at_ms",
         )
         .bind(model)
@@ -73,7 +73,7 @@ impl Registry {
     }
 
     pub async fn delete_alias(&self, model: &str, alias: &str) -> Result<u64, RegistryError> {
-        let row = sqlx::query("DELETE FROM aliases WHERE model = ? AND alias = ? RETURNING version")
+        let row = sqlx::query("DELETE FROM aliases WHERE model = $1 AND alias = $2 RETURNING version")
             .bind(model)
             .bind(alias)
             .fetch_optional(&self.pool)
@@ -89,13 +89,13 @@ impl Registry {
             return Err(RegistryError::InvalidPolicy(format!("invalid tag {bad:?}: 1-128 characters, one line")));
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM tags WHERE model = ? AND version = ?")
+        sqlx::query("DELETE FROM tags WHERE model = $1 AND version = $2")
             .bind(model)
             .bind(version as i64)
             .execute(&mut *tx)
             .await?;
         for t in tags {
-            sqlx::query("INSERT OR IGNORE INTO tags (model, version, tag) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO tags (model, version, tag) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(model)
                 .bind(version as i64)
                 .bind(t)
@@ -108,7 +108,7 @@ impl Registry {
 
     /// Sets (or clears) the instant a version's time-to-live ends.
     pub async fn set_expiry(&self, model: &str, version: u64, expires_at_ms: Option<u64>) -> Result<(), RegistryError> {
-        let done = sqlx::query("UPDATE versions SET expires_at_ms = ? WHERE model = ? AND version = ?")
+        let done = sqlx::query("UPDATE versions SET expires_at_ms = $1 WHERE model = $2 AND version = $3")
             .bind(expires_at_ms.map(|v| v as i64))
             .bind(model)
             .bind(version as i64)
@@ -120,7 +120,7 @@ impl Registry {
     /// The model's policy document (the default one when none was set).
     pub async fn policy(&self, model: &str) -> Result<ModelPolicy, RegistryError> {
         let row =
-            sqlx::query("SELECT doc FROM policies WHERE model = ?").bind(model).fetch_optional(&self.pool).await?;
+            sqlx::query("SELECT doc FROM policies WHERE model = $1").bind(model).fetch_optional(&self.pool).await?;
         match row {
             None => Ok(ModelPolicy::default()),
             Some(r) => serde_json::from_str(&r.get::<String, _>(0))
@@ -133,7 +133,7 @@ impl Registry {
         self.model(model).await?;
         let doc = serde_json::to_string(policy).map_err(|e| RegistryError::InvalidPolicy(e.to_string()))?;
         sqlx::query(
-            "INSERT INTO policies (model, doc, updated_at_ms) VALUES (?, ?, ?) \
+            "INSERT INTO policies (model, doc, updated_at_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (model) DO UPDATE SET doc = excluded.doc, updated_at_ms = excluded.updated_at_ms",
         )
         .bind(model)
@@ -155,7 +155,7 @@ impl Registry {
     ) -> Result<Event, RegistryError> {
         let at_ms = now_ms();
         let id: i64 = sqlx::query(
-            "INSERT INTO events (at_ms, model, version, kind, message, detail) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO events (at_ms, model, version, kind, message, detail) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
         .bind(at_ms as i64)
         .bind(model)
@@ -180,8 +180,8 @@ impl Registry {
     /// Events in id order, filtered.
     pub async fn events(&self, f: &EventFilter) -> Result<Vec<Event>, RegistryError> {
         const SELECT: &str = "SELECT id, at_ms, model, version, kind, message, detail FROM events \
-             WHERE (?1 IS NULL OR model = ?1) AND (?2 IS NULL OR kind = ?2) AND id > ?3 AND id < ?4";
-        let sql = format!("{SELECT} ORDER BY id {} LIMIT ?5", if f.newest_first { "DESC" } else { "ASC" });
+             WHERE (CAST($1 AS TEXT) IS NULL OR model = $1) AND (CAST($2 AS TEXT) IS NULL OR kind = $2) AND id > $3 AND id < $4";
+        let sql = format!("{SELECT} ORDER BY id {} LIMIT $5", if f.newest_first { "DESC" } else { "ASC" });
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(f.model.as_deref())
             .bind(f.kind.as_deref())
@@ -215,14 +215,14 @@ impl Registry {
         }
         let mut tx = self.pool.begin().await?;
         let id: i64 =
-            sqlx::query("INSERT INTO experiments (model, doc, state) VALUES (?, '{}', 'running') RETURNING id")
+            sqlx::query("INSERT INTO experiments (model, doc, state) VALUES ($1, '{}', 'running') RETURNING id")
                 .bind(&e.model)
                 .fetch_one(&mut *tx)
                 .await?
                 .get(0);
         e.id = id as u64;
         e.state = ExperimentState::Running;
-        sqlx::query("UPDATE experiments SET doc = ? WHERE id = ?")
+        sqlx::query("UPDATE experiments SET doc = $1 WHERE id = $2")
             .bind(serde_json::to_string(&e).map_err(|x| RegistryError::InvalidPolicy(x.to_string()))?)
             .bind(id)
             .execute(&mut *tx)
@@ -233,7 +233,7 @@ impl Registry {
 
     pub async fn update_experiment(&self, e: &Experiment) -> Result<(), RegistryError> {
         let state = serde_json::to_value(e.state).map_err(|x| RegistryError::InvalidPolicy(x.to_string()))?;
-        let done = sqlx::query("UPDATE experiments SET doc = ?, state = ? WHERE id = ?")
+        let done = sqlx::query("UPDATE experiments SET doc = $1, state = $2 WHERE id = $3")
             .bind(serde_json::to_string(e).map_err(|x| RegistryError::InvalidPolicy(x.to_string()))?)
             .bind(state.as_str().unwrap_or("running"))
             .bind(e.id as i64)
@@ -246,7 +246,7 @@ impl Registry {
     }
 
     pub async fn experiment(&self, id: u64) -> Result<Experiment, RegistryError> {
-        let row = sqlx::query("SELECT doc FROM experiments WHERE id = ?")
+        let row = sqlx::query("SELECT doc FROM experiments WHERE id = $1")
             .bind(id as i64)
             .fetch_optional(&self.pool)
             .await?
@@ -256,15 +256,16 @@ impl Registry {
 
     /// A model's experiments, newest first (every model's when `None`).
     pub async fn experiments(&self, model: Option<&str>) -> Result<Vec<Experiment>, RegistryError> {
-        let rows = sqlx::query("SELECT doc FROM experiments WHERE (?1 IS NULL OR model = ?1) ORDER BY id DESC")
-            .bind(model)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT doc FROM experiments WHERE (CAST($1 AS TEXT) IS NULL OR model = $1) ORDER BY id DESC")
+                .bind(model)
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(|r| parse_experiment(&r.get::<String, _>(0))).collect()
     }
 
     pub async fn running_experiment(&self, model: &str) -> Result<Option<Experiment>, RegistryError> {
-        let row = sqlx::query("SELECT doc FROM experiments WHERE model = ? AND state = 'running'")
+        let row = sqlx::query("SELECT doc FROM experiments WHERE model = $1 AND state = 'running'")
             .bind(model)
             .fetch_optional(&self.pool)
             .await?;
@@ -283,7 +284,7 @@ impl Registry {
         let at = now_ms() as i64;
         for (request, version, value) in outcomes {
             let done = sqlx::query(
-                "INSERT INTO outcomes (experiment, request, version, value, at_ms) VALUES (?, ?, ?, ?, ?) \
+                "INSERT INTO outcomes (experiment, request, version, value, at_ms) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (experiment, request) DO NOTHING",
             )
             .bind(experiment as i64)
@@ -302,7 +303,7 @@ impl Registry {
     /// Outcome moments per version of an experiment.
     pub async fn outcome_totals(&self, experiment: u64) -> Result<BTreeMap<u64, Moments>, RegistryError> {
         let rows = sqlx::query(
-            "SELECT version, COUNT(*), SUM(value), SUM(value * value) FROM outcomes WHERE experiment = ? GROUP BY version",
+            "SELECT version, COUNT(*), SUM(value), SUM(value * value) FROM outcomes WHERE experiment = $1 GROUP BY version",
         )
         .bind(experiment as i64)
         .fetch_all(&self.pool)
@@ -317,7 +318,7 @@ impl Registry {
     }
 
     pub async fn webhook_cursor(&self, url: &str) -> Result<Option<u64>, RegistryError> {
-        let row = sqlx::query("SELECT last_event FROM webhook_cursors WHERE url = ?")
+        let row = sqlx::query("SELECT last_event FROM webhook_cursors WHERE url = $1")
             .bind(url)
             .fetch_optional(&self.pool)
             .await?;
@@ -326,7 +327,7 @@ impl Registry {
 
     pub async fn set_webhook_cursor(&self, url: &str, last_event: u64) -> Result<(), RegistryError> {
         sqlx::query(
-            "INSERT INTO webhook_cursors (url, last_event) VALUES (?, ?) \
+            "INSERT INTO webhook_cursors (url, last_event) VALUES ($1, $2) \
              ON CONFLICT (url) DO UPDATE SET last_event = excluded.last_event",
         )
         .bind(url)
@@ -353,7 +354,7 @@ impl Registry {
         debug_assert!(matches!(state, VersionState::Rejected | VersionState::Retired));
         let mut tx = self.pool.begin().await?;
         write_state(&mut *tx, model, version, state, Some(reason)).await?;
-        sqlx::query("DELETE FROM aliases WHERE model = ? AND version = ?")
+        sqlx::query("DELETE FROM aliases WHERE model = $1 AND version = $2")
             .bind(model)
             .bind(version as i64)
             .execute(&mut *tx)
@@ -374,9 +375,9 @@ mod tests {
     use crate::lifecycle::stats::SequentialConfig;
     use crate::lifecycle::{Goal, route::RouteSpec};
 
-    async fn registry_with(versions: usize) -> (tempfile::TempDir, Registry) {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(dir.path()).await.unwrap();
+    async fn registry_with(versions: usize) -> (crate::testing::Scratch, Registry) {
+        let dir = crate::testing::Scratch::new().await.unwrap();
+        let reg = dir.open().await.unwrap();
         for i in 0..versions {
             let s = reg.blobs().stage(format!("v{i}").as_bytes(), 1 << 20).await.unwrap();
             reg.add_version("m", s, Format::Onnx, VersionState::Ready, None).await.unwrap();
@@ -401,7 +402,7 @@ mod tests {
         policy.route = Some(RouteSpec { variants: vec![], ..policy.route.clone().unwrap() });
         assert!(reg.set_policy("m", &policy).await.is_err(), "an invalid route is refused");
         drop(reg);
-        let reg = Registry::open(dir.path()).await.unwrap();
+        let reg = dir.open().await.unwrap();
         let m = reg.model("m").await.unwrap();
         assert_eq!(m.aliases.get("champion"), Some(&3));
         assert_eq!(m.versions[2].tags, vec!["gbm".to_string(), "prod".to_string()]);

@@ -1,20 +1,22 @@
 //! Model and version metadata in SQL, files in the blob store.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Serialize;
+use sqlx::AnyPool;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::any::AnyPoolOptions;
 
 use crate::artifact::{ArtifactLimits, Format, unpack};
 use crate::blob::{BlobStore, LocalBlobStore, Staged};
 use crate::{RegistryError, validate_model_name};
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never edit
-/// one that shipped: append a new one.
+/// SQLite schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never
+/// edit one that shipped: append a new one (and its PostgreSQL twin to [`PG_MIGRATIONS`]).
 const MIGRATIONS: [&str; 5] = [
     r#"
 CREATE TABLE IF NOT EXISTS models (
@@ -118,6 +120,109 @@ CREATE INDEX tokens_by_user ON tokens(user);
     "ALTER TABLE tokens ADD COLUMN parent TEXT; CREATE INDEX tokens_by_parent ON tokens(parent);",
 ];
 
+/// PostgreSQL schema migrations, applied in order under an advisory lock (replicas starting
+/// together migrate once); `algolink_schema` records how many ran. The first is SQLite's five
+/// in one. Text keys use the "C" collation so listings sort as they do on SQLite.
+const PG_MIGRATIONS: [&str; 1] = [r#"
+CREATE TABLE models (
+    name          TEXT COLLATE "C" PRIMARY KEY,
+    next_version  BIGINT NOT NULL DEFAULT 1,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE TABLE versions (
+    model         TEXT COLLATE "C" NOT NULL REFERENCES models(name),
+    version       BIGINT NOT NULL,
+    sha256        TEXT NOT NULL,
+    format        TEXT NOT NULL,
+    size          BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    state         TEXT NOT NULL,
+    reason        TEXT,
+    expires_at_ms BIGINT,
+    pushed_by     TEXT,
+    PRIMARY KEY (model, version)
+);
+CREATE TABLE tags (
+    model   TEXT COLLATE "C" NOT NULL,
+    version BIGINT NOT NULL,
+    tag     TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (model, version, tag),
+    FOREIGN KEY (model, version) REFERENCES versions(model, version) ON DELETE CASCADE
+);
+CREATE TABLE aliases (
+    model         TEXT COLLATE "C" NOT NULL REFERENCES models(name),
+    alias         TEXT COLLATE "C" NOT NULL,
+    version       BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (model, alias)
+);
+CREATE TABLE policies (
+    model         TEXT COLLATE "C" PRIMARY KEY REFERENCES models(name),
+    doc           TEXT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE experiments (
+    id    BIGSERIAL PRIMARY KEY,
+    model TEXT COLLATE "C" NOT NULL REFERENCES models(name),
+    doc   TEXT NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE TABLE outcomes (
+    experiment BIGINT NOT NULL REFERENCES experiments(id),
+    request    TEXT NOT NULL,
+    version    BIGINT NOT NULL,
+    value      DOUBLE PRECISION NOT NULL,
+    at_ms      BIGINT NOT NULL,
+    PRIMARY KEY (experiment, request)
+);
+CREATE TABLE events (
+    id      BIGSERIAL PRIMARY KEY,
+    at_ms   BIGINT NOT NULL,
+    model   TEXT COLLATE "C" NOT NULL,
+    version BIGINT,
+    kind    TEXT NOT NULL,
+    message TEXT NOT NULL,
+    detail  TEXT NOT NULL
+);
+CREATE INDEX events_by_model ON events(model, id);
+CREATE TABLE webhook_cursors (
+    url        TEXT PRIMARY KEY,
+    last_event BIGINT NOT NULL
+);
+CREATE TABLE namespaces (
+    name          TEXT COLLATE "C" PRIMARY KEY,
+    created_at_ms BIGINT NOT NULL
+);
+INSERT INTO namespaces (name, created_at_ms) VALUES ('default', (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT);
+CREATE TABLE users (
+    name          TEXT COLLATE "C" PRIMARY KEY,
+    owner         BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE TABLE members (
+    namespace TEXT COLLATE "C" NOT NULL REFERENCES namespaces(name),
+    "user"    TEXT COLLATE "C" NOT NULL REFERENCES users(name),
+    role      TEXT NOT NULL,
+    PRIMARY KEY (namespace, "user")
+);
+CREATE TABLE tokens (
+    id            TEXT COLLATE "C" PRIMARY KEY,
+    "user"        TEXT COLLATE "C" NOT NULL REFERENCES users(name),
+    namespace     TEXT COLLATE "C" REFERENCES namespaces(name),
+    description   TEXT NOT NULL,
+    hash          BYTEA NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT,
+    revoked_at_ms BIGINT,
+    parent        TEXT COLLATE "C"
+);
+CREATE INDEX tokens_by_user ON tokens("user");
+CREATE INDEX tokens_by_parent ON tokens(parent);
+"#];
+
+/// The advisory-lock key under which PostgreSQL migrations run ("algolink" in ASCII).
+const PG_MIGRATION_LOCK: i64 = 0x616c_676f_6c69_6e6b;
+
 /// Lifecycle state of a version (TF Serving's harness: loading → ready → unloaded | failed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -195,24 +300,39 @@ pub struct ModelRecord {
     pub created_at_ms: u64,
     pub versions: Vec<VersionRecord>,
     /// Alias → version.
-    pub aliases: std::collections::BTreeMap<String, u64>,
+    pub aliases: BTreeMap<String, u64>,
+}
+
+/// Which SQL database holds the metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Where a registry keeps its metadata and files (the server's `[registry]` section).
+#[derive(Clone, Debug, Default)]
+pub struct Backends {
+    /// A `postgres://` URL; `None` keeps the metadata in SQLite at `data_dir/registry.db`.
+    pub database: Option<String>,
 }
 
 #[derive(Clone, Debug)]
 pub struct Registry {
-    pub(crate) pool: SqlitePool,
+    pub(crate) pool: AnyPool,
+    dialect: Dialect,
     blobs: BlobStore,
 }
 
 /// Sets a version's state and reason, on the pool or inside a transaction.
 pub(crate) async fn write_state<'e>(
-    db: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
     name: &str,
     version: u64,
     state: VersionState,
     reason: Option<&str>,
 ) -> Result<(), RegistryError> {
-    let done = sqlx::query("UPDATE versions SET state = ?, reason = ? WHERE model = ? AND version = ?")
+    let done = sqlx::query("UPDATE versions SET state = $1, reason = $2 WHERE model = $3 AND version = $4")
         .bind(state.as_str())
         .bind(reason)
         .bind(name)
@@ -234,7 +354,7 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-async fn migrate(pool: &SqlitePool) -> Result<(), RegistryError> {
+async fn migrate_sqlite(pool: &AnyPool) -> Result<(), RegistryError> {
     let mut conn = pool.acquire().await?;
     let done: i64 = sqlx::query("PRAGMA user_version").fetch_one(&mut *conn).await?.get(0);
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
@@ -246,22 +366,90 @@ async fn migrate(pool: &SqlitePool) -> Result<(), RegistryError> {
     Ok(())
 }
 
+async fn migrate_postgres(pool: &AnyPool) -> Result<(), RegistryError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_MIGRATION_LOCK).execute(&mut *tx).await?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS algolink_schema (version BIGINT NOT NULL)").execute(&mut *tx).await?;
+    let done: Option<i64> = sqlx::query("SELECT MAX(version) FROM algolink_schema").fetch_one(&mut *tx).await?.get(0);
+    let done = done.unwrap_or(0).max(0) as usize;
+    if done > PG_MIGRATIONS.len() {
+        return Err(RegistryError::InvalidAccess(format!(
+            "the database's schema is version {done}, newer than this build knows ({}): upgrade this replica",
+            PG_MIGRATIONS.len()
+        )));
+    }
+    for sql in &PG_MIGRATIONS[done..] {
+        sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+    }
+    sqlx::query("DELETE FROM algolink_schema").execute(&mut *tx).await?;
+    sqlx::query("INSERT INTO algolink_schema (version) VALUES ($1)")
+        .bind(PG_MIGRATIONS.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A `sqlite://` URL for a file path (`%`, `?` and `#` escaped, as the URL is percent-decoded).
+fn sqlite_url(path: &Path) -> Result<String, RegistryError> {
+    let text = path.to_str().ok_or_else(|| {
+        RegistryError::Io(std::io::Error::other(format!("data directory {} is not valid UTF-8", path.display())))
+    })?;
+    let escaped = text.replace('%', "%25").replace('?', "%3F").replace('#', "%23");
+    Ok(format!("sqlite://{escaped}?mode=rwc"))
+}
+
 impl Registry {
     /// Opens (creating if needed) the embedded registry in `data_dir`: `registry.db` (SQLite,
     /// WAL, synchronous=FULL so a commit survives a crash) and `blobs/`.
     pub async fn open(data_dir: &Path) -> Result<Registry, RegistryError> {
+        Registry::connect(data_dir, &Backends::default()).await
+    }
+
+    /// Opens the registry on the given backends; `data_dir` holds what stays local (SQLite's
+    /// file when no database URL is given, the blob store, upload staging).
+    pub async fn connect(data_dir: &Path, backends: &Backends) -> Result<Registry, RegistryError> {
+        sqlx::any::install_default_drivers();
         std::fs::create_dir_all(data_dir)?;
-        let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("registry.db"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
-        migrate(&pool).await?;
-        let blobs = BlobStore::Local(LocalBlobStore::open(data_dir)?);
-        Ok(Registry { pool, blobs })
+        let data_dir = std::fs::canonicalize(data_dir)?;
+        let (url, dialect) = match &backends.database {
+            None => (sqlite_url(&data_dir.join("registry.db"))?, Dialect::Sqlite),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                (url.clone(), Dialect::Postgres)
+            }
+            Some(url) => {
+                let scheme = url.split(':').next().unwrap_or_default();
+                return Err(RegistryError::InvalidAccess(format!(
+                    "database URL scheme {scheme:?} is not supported: use postgres://… (or leave it out for the embedded SQLite)"
+                )));
+            }
+        };
+        let options = match dialect {
+            // A commit survives a crash (synchronous=FULL); readers do not block the writer (WAL).
+            Dialect::Sqlite => AnyPoolOptions::new().max_connections(4).after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::raw_sql(
+                        "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
+                         PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+                    )
+                    .execute(conn)
+                    .await?;
+                    Ok(())
+                })
+            }),
+            Dialect::Postgres => AnyPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)),
+        };
+        let pool = options.connect(&url).await?;
+        match dialect {
+            Dialect::Sqlite => migrate_sqlite(&pool).await?,
+            Dialect::Postgres => migrate_postgres(&pool).await?,
+        }
+        let blobs = BlobStore::Local(LocalBlobStore::open(&data_dir)?);
+        Ok(Registry { pool, dialect, blobs })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -283,20 +471,20 @@ impl Registry {
         self.blobs.commit(staged).await?;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO models (name, created_at_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
+        sqlx::query("INSERT INTO models (name, created_at_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
             .bind(name)
             .bind(now as i64)
             .execute(&mut *tx)
             .await?;
         let version: i64 =
-            sqlx::query("UPDATE models SET next_version = next_version + 1 WHERE name = ? RETURNING next_version - 1")
+            sqlx::query("UPDATE models SET next_version = next_version + 1 WHERE name = $1 RETURNING next_version - 1")
                 .bind(name)
                 .fetch_one(&mut *tx)
                 .await?
                 .get(0);
         sqlx::query(
             "INSERT INTO versions (model, version, sha256, format, size, created_at_ms, state, pushed_by) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(name)
         .bind(version)
@@ -338,12 +526,11 @@ impl Registry {
     /// lifecycle controller reads this every tick).
     pub async fn models(&self) -> Result<Vec<ModelRecord>, RegistryError> {
         let rows = sqlx::query("SELECT name, created_at_ms FROM models ORDER BY name").fetch_all(&self.pool).await?;
-        let mut versions: std::collections::HashMap<String, Vec<VersionRecord>> = std::collections::HashMap::new();
+        let mut versions: HashMap<String, Vec<VersionRecord>> = HashMap::new();
         for v in self.versions_of(None).await? {
             versions.entry(v.name.clone()).or_default().push(v);
         }
-        let mut aliases: std::collections::HashMap<String, std::collections::BTreeMap<String, u64>> =
-            std::collections::HashMap::new();
+        let mut aliases: HashMap<String, BTreeMap<String, u64>> = HashMap::new();
         for r in sqlx::query("SELECT model, alias, version FROM aliases").fetch_all(&self.pool).await? {
             aliases.entry(r.get(0)).or_default().insert(r.get(1), r.get::<i64, _>(2) as u64);
         }
@@ -362,7 +549,7 @@ impl Registry {
     }
 
     pub async fn model(&self, name: &str) -> Result<ModelRecord, RegistryError> {
-        let row = sqlx::query("SELECT created_at_ms FROM models WHERE name = ?")
+        let row = sqlx::query("SELECT created_at_ms FROM models WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
@@ -386,20 +573,31 @@ impl Registry {
 
     /// Versions of one model, or of every model when `name` is `None`.
     async fn versions_of(&self, name: Option<&str>) -> Result<Vec<VersionRecord>, RegistryError> {
-        const COLUMNS: &str = "SELECT model, version, sha256, format, size, created_at_ms, state, reason, expires_at_ms, pushed_by, \
-            (SELECT group_concat(tag, char(10)) FROM (SELECT tag FROM tags t WHERE t.model = v.model \
-            AND t.version = v.version ORDER BY tag)) FROM versions v";
-        let (filtered, all) = (
-            format!("{COLUMNS} WHERE model = ? ORDER BY model, version"),
-            format!("{COLUMNS} ORDER BY model, version"),
-        );
-        let q = match name {
-            Some(n) => sqlx::query(sqlx::AssertSqlSafe(filtered)).bind(n),
-            None => sqlx::query(sqlx::AssertSqlSafe(all)),
+        const COLUMNS: &str = "SELECT model, version, sha256, format, size, created_at_ms, state, reason, \
+            expires_at_ms, pushed_by FROM versions";
+        let (rows, tag_rows) = match name {
+            Some(n) => (
+                sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE model = $1 ORDER BY model, version")))
+                    .bind(n)
+                    .fetch_all(&self.pool)
+                    .await?,
+                sqlx::query("SELECT model, version, tag FROM tags WHERE model = $1 ORDER BY tag")
+                    .bind(n)
+                    .fetch_all(&self.pool)
+                    .await?,
+            ),
+            None => (
+                sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} ORDER BY model, version")))
+                    .fetch_all(&self.pool)
+                    .await?,
+                sqlx::query("SELECT model, version, tag FROM tags ORDER BY tag").fetch_all(&self.pool).await?,
+            ),
         };
-        q.fetch_all(&self.pool)
-            .await?
-            .into_iter()
+        let mut tags: HashMap<(String, i64), Vec<String>> = HashMap::new();
+        for r in tag_rows {
+            tags.entry((r.get(0), r.get(1))).or_default().push(r.get(2));
+        }
+        rows.into_iter()
             .map(|r| {
                 let format: String = r.get(3);
                 let state: String = r.get(6);
@@ -416,10 +614,7 @@ impl Registry {
                     reason: r.get(7),
                     expires_at_ms: r.get::<Option<i64>, _>(8).map(|v| v as u64),
                     pushed_by: r.get(9),
-                    tags: r
-                        .get::<Option<String>, _>(10)
-                        .map(|t| t.split('\n').map(String::from).collect())
-                        .unwrap_or_default(),
+                    tags: tags.remove(&(r.get(0), r.get(1))).unwrap_or_default(),
                 })
             })
             .collect()
@@ -430,14 +625,14 @@ impl Registry {
         let record = self.version(name, version).await?;
         let mut tx = self.pool.begin().await?;
         for sql in [
-            "DELETE FROM aliases WHERE model = ? AND version = ?",
-            "DELETE FROM tags WHERE model = ? AND version = ?",
-            "DELETE FROM versions WHERE model = ? AND version = ?",
+            "DELETE FROM aliases WHERE model = $1 AND version = $2",
+            "DELETE FROM tags WHERE model = $1 AND version = $2",
+            "DELETE FROM versions WHERE model = $1 AND version = $2",
         ] {
             sqlx::query(sql).bind(name).bind(version as i64).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        let still_used: i64 = sqlx::query("SELECT COUNT(*) FROM versions WHERE sha256 = ?")
+        let still_used: i64 = sqlx::query("SELECT COUNT(*) FROM versions WHERE sha256 = $1")
             .bind(&record.sha256)
             .fetch_one(&self.pool)
             .await?
@@ -453,7 +648,7 @@ impl Registry {
         &self,
         record: &VersionRecord,
         limits: ArtifactLimits,
-    ) -> Result<std::collections::BTreeMap<String, Bytes>, RegistryError> {
+    ) -> Result<BTreeMap<String, Bytes>, RegistryError> {
         let blob = self.blobs.read(&record.sha256).await?;
         unpack(record.format, blob, limits)
     }
@@ -469,8 +664,8 @@ mod tests {
 
     #[tokio::test]
     async fn versions_are_numbered_and_never_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(dir.path()).await.unwrap();
+        let dir = crate::testing::Scratch::new().await.unwrap();
+        let reg = dir.open().await.unwrap();
         let v1 = reg
             .add_version("m", staged(&reg, b"one").await, Format::Onnx, VersionState::Ready, Some("ada"))
             .await
@@ -491,9 +686,9 @@ mod tests {
 
     #[tokio::test]
     async fn survives_reopen_and_detects_corruption() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testing::Scratch::new().await.unwrap();
         let sha = {
-            let reg = Registry::open(dir.path()).await.unwrap();
+            let reg = dir.open().await.unwrap();
             let v = reg
                 .add_version("m", staged(&reg, b"weights").await, Format::Onnx, VersionState::Ready, None)
                 .await
@@ -501,25 +696,25 @@ mod tests {
             reg.set_state("m", 1, VersionState::Failed, Some("boom")).await.unwrap();
             v.sha256
         };
-        let reg = Registry::open(dir.path()).await.unwrap();
+        let reg = dir.open().await.unwrap();
         let v = reg.version("m", 1).await.unwrap();
         assert_eq!((v.state, v.reason.as_deref()), (VersionState::Failed, Some("boom")));
         let files = reg.files(&v, ArtifactLimits::default()).await.unwrap();
         assert_eq!(&files["model.onnx"][..], b"weights");
-        std::fs::write(dir.path().join("blobs/sha256").join(&sha), b"tampered").unwrap();
+        std::fs::write(dir.dir.path().join("blobs/sha256").join(&sha), b"tampered").unwrap();
         assert!(matches!(reg.files(&v, ArtifactLimits::default()).await, Err(RegistryError::Corrupt { .. })));
     }
 
     #[tokio::test]
     async fn upload_limit_and_bad_names() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(dir.path()).await.unwrap();
+        let dir = crate::testing::Scratch::new().await.unwrap();
+        let reg = dir.open().await.unwrap();
         assert!(matches!(reg.blobs().stage(&b"0123456789"[..], 4).await, Err(RegistryError::TooLarge { .. })));
         let s = staged(&reg, b"x").await;
         assert!(matches!(
             reg.add_version("../x", s, Format::Onnx, VersionState::Ready, None).await,
             Err(RegistryError::InvalidName(_))
         ));
-        assert_eq!(std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(dir.dir.path().join("blobs/sha256")).unwrap().count(), 0);
     }
 }

@@ -25,6 +25,30 @@ pub struct Config {
     /// URLs every lifecycle event is POSTed to.
     pub webhooks: Vec<Webhook>,
     pub auth: AuthSection,
+    pub registry: RegistrySection,
+}
+
+/// Where the registry lives. The default is embedded: SQLite and model files under `data_dir`.
+/// Replicas of a cluster share a PostgreSQL database.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// `postgres://user:password@host:5432/db`; the environment variable `ALGOLINK_DATABASE_URL`
+    /// overrides it (so a password can come from a secret rather than the file).
+    pub database: Option<String>,
+}
+
+impl RegistrySection {
+    pub fn backends(&self) -> algolink_registry::Backends {
+        algolink_registry::Backends { database: self.database.clone() }
+    }
+
+    /// Points the registry at the test suite's backends (a fresh PostgreSQL database when the
+    /// suite runs on one; see `algolink_registry::testing`).
+    pub async fn backends_for_tests(&mut self) {
+        let backends = algolink_registry::testing::scratch_backends().await.expect("test backends");
+        self.database = backends.database;
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

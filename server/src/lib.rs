@@ -41,7 +41,7 @@ impl Running {
 
 /// Opens the registry, loads the models, binds `config.server.http` and serves.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let registry = Registry::open(&config.server.data_dir).await?;
+    let registry = Registry::connect(&config.server.data_dir, &config.registry.backends()).await?;
     let listener = TcpListener::bind(&config.server.http)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.server.http))?;

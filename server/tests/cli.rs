@@ -16,22 +16,24 @@ fn fixtures() -> PathBuf {
 
 /// `algolink serve --config` with `extra` appended to a config on a free port; waits for the
 /// line that says it listens. Returns the process, its URL and its directory.
-fn serve(extra: &str) -> (std::process::Child, String, tempfile::TempDir) {
+async fn serve(extra: &str) -> (std::process::Child, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = dir.path().join("algolink.toml");
     std::fs::write(&config, format!("[server]\nhttp = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n{extra}")).unwrap();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_algolink"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let database = algolink_registry::testing::scratch_backends().await.unwrap().database;
+    let mut server = Command::new(env!("CARGO_BIN_EXE_algolink"));
+    match &database {
+        Some(url) => server.env("ALGOLINK_DATABASE_URL", url),
+        None => server.env_remove("ALGOLINK_DATABASE_URL"),
+    };
+    let mut server =
+        server.args(["serve", "--config"]).arg(&config).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut first_line = String::new();
     BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
     assert!(first_line.contains(&format!("127.0.0.1:{port}")), "{first_line}");
-    assert!(dir.path().join("data/registry.db").exists(), "data_dir is relative to the config file");
+    let metadata = if database.is_some() { "data/blobs" } else { "data/registry.db" };
+    assert!(dir.path().join(metadata).exists(), "data_dir is relative to the config file");
     (server, format!("http://127.0.0.1:{port}"), dir)
 }
 
@@ -54,7 +56,7 @@ fn cli(url: &str, args: &[&str], token: Option<&str>) -> (bool, String, String) 
 async fn serve_push_models_and_stop() {
     let preload =
         format!("[[preload]]\nname = \"iris\"\npath = \"{}\"\n", fixtures().join("iris_logreg.onnx").display());
-    let (mut server, url, _dir) = serve(&preload);
+    let (mut server, url, _dir) = serve(&preload).await;
     let client = reqwest::Client::new();
     let body =
         r#"{"inputs":[{"name":"input","shape":[2,4],"datatype":"FP32","data":[[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}]}"#;
@@ -154,7 +156,7 @@ async fn serve_push_models_and_stop() {
 
 #[tokio::test]
 async fn with_auth_on_the_owner_makes_a_team_and_its_publisher_pushes() {
-    let (mut server, url, dir) = serve("[auth]\nmode = \"on\"\n");
+    let (mut server, url, dir) = serve("[auth]\nmode = \"on\"\n").await;
     let owner = std::fs::read_to_string(dir.path().join("data/owner-token")).unwrap().trim().to_string();
     #[cfg(unix)]
     {

@@ -29,12 +29,14 @@ pub fn reference(name: &str) -> Value {
 }
 
 impl TestServer {
-    /// Starts a server from a TOML config (its `[server]` http and data_dir are replaced).
+    /// Starts a server from a TOML config (its `[server]` http and data_dir are replaced, and
+    /// its registry is on the suite's backends: see `algolink_registry::testing`).
     pub async fn start(config_toml: &str) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::parse(config_toml).expect("test config");
         config.server.http = "127.0.0.1:0".into();
         config.server.data_dir = dir.path().join("data");
+        config.registry.backends_for_tests().await;
         let running = algolink_server::start(config.clone()).await.expect("server starts");
         let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client");
         TestServer { url: format!("http://{}", running.addr), client, running: Some(running), config, _dir: dir }

@@ -158,12 +158,11 @@ async fn adaptive_batching_refuses_what_would_miss_the_objective() {
 #[tokio::test]
 async fn a_version_that_no_longer_loads_is_marked_failed_and_the_previous_one_serves() {
     let dir = tempfile::tempdir().unwrap();
-    let config = || {
-        let mut c = algolink_server::Config::default();
-        c.server.http = "127.0.0.1:0".into();
-        c.server.data_dir = dir.path().to_path_buf();
-        c
-    };
+    let mut base = algolink_server::Config::default();
+    base.server.http = "127.0.0.1:0".into();
+    base.server.data_dir = dir.path().to_path_buf();
+    base.registry.backends_for_tests().await;
+    let config = || base.clone();
     let client = reqwest::Client::new();
     let sha2 = {
         let running = algolink_server::start(config()).await.unwrap();
