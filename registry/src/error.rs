@@ -30,6 +30,12 @@ pub enum RegistryError {
     UserNotFound(String),
     #[error("token {0:?} not found")]
     TokenNotFound(String),
+    /// The registry's backends are misconfigured (found at start-up).
+    #[error("registry configuration: {0}")]
+    Config(String),
+    /// The object store failed (unreachable, refused, lost an object).
+    #[error("object storage error: {0}")]
+    Storage(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("storage error: {0}")]

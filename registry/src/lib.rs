@@ -3,7 +3,8 @@
 //!
 //! Architecture invariant: this crate knows neither candle nor HTTP. What it serves is a type
 //! parameter; metadata lives in SQL (SQLite embedded, or PostgreSQL shared by replicas: one set
-//! of portable queries through sqlx's `Any` driver), files in a [`BlobStore`] (local disk).
+//! of portable queries through sqlx's `Any` driver), files in a [`BlobStore`] (local disk, or an
+//! S3-compatible object store with a local cache).
 
 pub mod access;
 mod artifact;
@@ -14,11 +15,12 @@ mod lifecycle_store;
 mod manager;
 mod names;
 pub mod policy;
+mod replicas;
 mod store;
 pub mod testing;
 
 pub use artifact::{ArtifactLimits, Format, unpack};
-pub use blob::{BlobStore, LocalBlobStore, Staged};
+pub use blob::{BlobStore, Staged};
 pub use error::RegistryError;
 pub use lifecycle::validate_alias;
 pub use lifecycle_store::{Event, EventFilter};

@@ -72,6 +72,17 @@ impl<S> Manager<S> {
         self.models.read().expect("manager lock").get(name).and_then(|s| s.default)
     }
 
+    /// The models with at least one loaded version.
+    pub fn model_names(&self) -> Vec<String> {
+        self.models
+            .read()
+            .expect("manager lock")
+            .iter()
+            .filter(|(_, s)| !s.versions.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     pub fn loaded_versions(&self, name: &str) -> Vec<u64> {
         self.models
             .read()

@@ -12,12 +12,12 @@ use sqlx::Row;
 use sqlx::any::AnyPoolOptions;
 
 use crate::artifact::{ArtifactLimits, Format, unpack};
-use crate::blob::{BlobStore, LocalBlobStore, Staged};
+use crate::blob::{BlobStore, Staged};
 use crate::{RegistryError, validate_model_name};
 
 /// SQLite schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never
 /// edit one that shipped: append a new one (and its PostgreSQL twin to [`PG_MIGRATIONS`]).
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     r#"
 CREATE TABLE IF NOT EXISTS models (
     name          TEXT PRIMARY KEY,
@@ -118,12 +118,30 @@ CREATE INDEX tokens_by_user ON tokens(user);
     "ALTER TABLE versions ADD COLUMN pushed_by TEXT;",
     // A console session records the token it was traded for, and dies with it.
     "ALTER TABLE tokens ADD COLUMN parent TEXT; CREATE INDEX tokens_by_parent ON tokens(parent);",
+    REPLICA_TRAFFIC,
 ];
+
+/// Each replica's cumulative traffic counters per version (see `replicas.rs`); the same text on
+/// both databases.
+const REPLICA_TRAFFIC: &str = r#"
+CREATE TABLE replica_traffic (
+    replica         TEXT NOT NULL,
+    model           TEXT NOT NULL,
+    version         BIGINT NOT NULL,
+    requests        BIGINT NOT NULL,
+    errors          BIGINT NOT NULL,
+    latency         TEXT NOT NULL,
+    last_request_ms BIGINT,
+    updated_ms      BIGINT NOT NULL,
+    PRIMARY KEY (replica, model, version)
+);
+"#;
 
 /// PostgreSQL schema migrations, applied in order under an advisory lock (replicas starting
 /// together migrate once); `algolink_schema` records how many ran. The first is SQLite's five
 /// in one. Text keys use the "C" collation so listings sort as they do on SQLite.
-const PG_MIGRATIONS: [&str; 1] = [r#"
+const PG_MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE models (
     name          TEXT COLLATE "C" PRIMARY KEY,
     next_version  BIGINT NOT NULL DEFAULT 1,
@@ -218,7 +236,9 @@ CREATE TABLE tokens (
 );
 CREATE INDEX tokens_by_user ON tokens("user");
 CREATE INDEX tokens_by_parent ON tokens(parent);
-"#];
+"#,
+    REPLICA_TRAFFIC,
+];
 
 /// The advisory-lock key under which PostgreSQL migrations run ("algolink" in ASCII).
 const PG_MIGRATION_LOCK: i64 = 0x616c_676f_6c69_6e6b;
@@ -315,6 +335,11 @@ pub enum Dialect {
 pub struct Backends {
     /// A `postgres://` URL; `None` keeps the metadata in SQLite at `data_dir/registry.db`.
     pub database: Option<String>,
+    /// An `s3://bucket/prefix` URL (any S3-compatible store); `None` keeps model files in
+    /// `data_dir/blobs`. With a store, `data_dir/blobs` is its local, hash-checked cache.
+    pub storage: Option<String>,
+    /// object_store's S3 options (`endpoint`, `region`, `allow_http`, …).
+    pub storage_options: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -322,6 +347,7 @@ pub struct Registry {
     pub(crate) pool: AnyPool,
     dialect: Dialect,
     blobs: BlobStore,
+    pub(crate) lease: crate::replicas::Lease,
 }
 
 /// Sets a version's state and reason, on the pool or inside a transaction.
@@ -373,7 +399,7 @@ async fn migrate_postgres(pool: &AnyPool) -> Result<(), RegistryError> {
     let done: Option<i64> = sqlx::query("SELECT MAX(version) FROM algolink_schema").fetch_one(&mut *tx).await?.get(0);
     let done = done.unwrap_or(0).max(0) as usize;
     if done > PG_MIGRATIONS.len() {
-        return Err(RegistryError::InvalidAccess(format!(
+        return Err(RegistryError::Config(format!(
             "the database's schema is version {done}, newer than this build knows ({}): upgrade this replica",
             PG_MIGRATIONS.len()
         )));
@@ -407,7 +433,7 @@ impl Registry {
     }
 
     /// Opens the registry on the given backends; `data_dir` holds what stays local (SQLite's
-    /// file when no database URL is given, the blob store, upload staging).
+    /// file when no database URL is given, the model files or their cache, upload staging).
     pub async fn connect(data_dir: &Path, backends: &Backends) -> Result<Registry, RegistryError> {
         sqlx::any::install_default_drivers();
         std::fs::create_dir_all(data_dir)?;
@@ -419,7 +445,7 @@ impl Registry {
             }
             Some(url) => {
                 let scheme = url.split(':').next().unwrap_or_default();
-                return Err(RegistryError::InvalidAccess(format!(
+                return Err(RegistryError::Config(format!(
                     "database URL scheme {scheme:?} is not supported: use postgres://… (or leave it out for the embedded SQLite)"
                 )));
             }
@@ -444,8 +470,11 @@ impl Registry {
             Dialect::Sqlite => migrate_sqlite(&pool).await?,
             Dialect::Postgres => migrate_postgres(&pool).await?,
         }
-        let blobs = BlobStore::Local(LocalBlobStore::open(&data_dir)?);
-        Ok(Registry { pool, dialect, blobs })
+        let blobs = match &backends.storage {
+            None => BlobStore::local(&data_dir)?,
+            Some(url) => BlobStore::s3(&data_dir, url, &backends.storage_options)?,
+        };
+        Ok(Registry { pool, dialect, blobs, lease: Default::default() })
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -454,6 +483,11 @@ impl Registry {
 
     pub fn blobs(&self) -> &BlobStore {
         &self.blobs
+    }
+
+    /// Closes the database connections (waits for those in use to come back).
+    pub async fn close(&self) {
+        self.pool.close().await
     }
 
     /// Makes a staged (already validated) upload the next version of `name`. The blob is durable
@@ -701,8 +735,37 @@ mod tests {
         assert_eq!((v.state, v.reason.as_deref()), (VersionState::Failed, Some("boom")));
         let files = reg.files(&v, ArtifactLimits::default()).await.unwrap();
         assert_eq!(&files["model.onnx"][..], b"weights");
-        std::fs::write(dir.dir.path().join("blobs/sha256").join(&sha), b"tampered").unwrap();
+        // A bad local copy is fatal on local storage; with an object store it is fetched again.
+        let local = dir.dir.path().join("blobs/sha256").join(&sha);
+        std::fs::write(&local, b"tampered").unwrap();
+        let again = reg.files(&v, ArtifactLimits::default()).await;
+        if reg.blobs().remote_url().is_some() {
+            assert_eq!(&again.unwrap()["model.onnx"][..], b"weights");
+            assert_eq!(std::fs::read(&local).unwrap(), b"weights", "the cache is mended");
+        } else {
+            assert!(matches!(again, Err(RegistryError::Corrupt { .. })));
+        }
+        // Every copy bad: corrupt.
+        crate::testing::tamper(&reg, &sha, b"tampered").await.unwrap();
         assert!(matches!(reg.files(&v, ArtifactLimits::default()).await, Err(RegistryError::Corrupt { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_replica_with_an_empty_cache_reads_from_the_shared_store() {
+        let dir = crate::testing::Scratch::new().await.unwrap();
+        if dir.backends.database.is_none() || dir.backends.storage.is_none() {
+            return; // Only shared backends have replicas.
+        }
+        let reg = dir.open().await.unwrap();
+        reg.add_version("m", staged(&reg, b"weights").await, Format::Onnx, VersionState::Ready, None).await.unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Registry::connect(other_dir.path(), &dir.backends).await.unwrap();
+        let v = other.version("m", 1).await.unwrap();
+        assert_eq!(&other.files(&v, ArtifactLimits::default()).await.unwrap()["model.onnx"][..], b"weights");
+        assert!(other_dir.path().join("blobs/sha256").join(&v.sha256).exists(), "fetched into the cache");
+        other.delete_version("m", 1).await.unwrap();
+        std::fs::remove_file(dir.dir.path().join("blobs/sha256").join(&v.sha256)).unwrap();
+        assert!(matches!(reg.blobs().read(&v.sha256).await, Err(RegistryError::Storage(_))), "deleted everywhere");
     }
 
     #[tokio::test]

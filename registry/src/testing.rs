@@ -1,15 +1,32 @@
 //! For test suites: the backends a test's registry should use. With `ALGOLINK_TEST_DATABASE_URL`
-//! set (an administrator's URL of a PostgreSQL server, as `tests/backends` sets it), every call
-//! creates a fresh database there; without it, the embedded SQLite.
+//! set (an administrator's URL of a PostgreSQL server), every call creates a fresh database
+//! there; with `ALGOLINK_TEST_STORAGE_URL` (`s3://bucket`, the store's endpoint and keys in the
+//! usual `AWS_*` variables), a fresh prefix in that bucket. `tests/with-shared-backends` sets
+//! both; without them, the embedded SQLite and local files.
 
 use crate::{Backends, RegistryError};
 
 /// The variable that sends the test suites to PostgreSQL.
 pub const DATABASE_ENV: &str = "ALGOLINK_TEST_DATABASE_URL";
+/// The variable that sends the test suites' model files to an object store.
+pub const STORAGE_ENV: &str = "ALGOLINK_TEST_STORAGE_URL";
 
-/// Backends for one test: a new, empty database when the suite runs on PostgreSQL.
+/// Backends for one test: a new, empty database and storage prefix on the suite's backends.
 pub async fn scratch_backends() -> Result<Backends, RegistryError> {
-    let Ok(admin) = std::env::var(DATABASE_ENV) else { return Ok(Backends::default()) };
+    let storage = std::env::var(STORAGE_ENV)
+        .ok()
+        .map(|bucket| format!("{}/test-{}", bucket.trim_end_matches('/'), hex::encode(rand::random::<[u8; 8]>())));
+    Ok(Backends { database: scratch_database().await?, storage, storage_options: Default::default() })
+}
+
+/// Overwrites a stored model file with `bytes` (in the object store too), to test what a
+/// corrupt file does.
+pub async fn tamper(registry: &crate::Registry, sha256: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+    registry.blobs().tamper(sha256, bytes).await
+}
+
+async fn scratch_database() -> Result<Option<String>, RegistryError> {
+    let Ok(admin) = std::env::var(DATABASE_ENV) else { return Ok(None) };
     sqlx::any::install_default_drivers();
     let name = format!("algolink_test_{}", hex::encode(rand::random::<[u8; 8]>()));
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await?;
@@ -26,7 +43,7 @@ pub async fn scratch_backends() -> Result<Backends, RegistryError> {
         Some(q) => format!("{root}/{name}?{q}"),
         None => format!("{root}/{name}"),
     };
-    Ok(Backends { database: Some(url) })
+    Ok(Some(url))
 }
 
 /// A registry directory and backends for one test, opened as often as the test likes.

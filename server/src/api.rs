@@ -148,8 +148,20 @@ async fn ready(State(st): St) -> Response {
     }
 }
 
-async fn server_metadata() -> axum::Json<Value> {
-    axum::Json(json!({ "name": "algolink", "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS }))
+/// OIP server metadata, plus which replica answered and whether it takes the lifecycle
+/// decisions (behind a load balancer, ask each replica directly to find the leader).
+async fn server_metadata(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
+    let replica = json!({
+        "id": st.replicas.id,
+        "shared_registry": st.replicas.shared,
+        "leader": st.replicas.leader.load(std::sync::atomic::Ordering::Acquire),
+    });
+    axum::Json(json!({
+        "name": "algolink",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": EXTENSIONS,
+        "replica": replica,
+    }))
 }
 
 /// A version number or an alias, as a path segment.

@@ -513,6 +513,9 @@ pub async fn serve(config: Option<PathBuf>, data: Option<PathBuf>, http: Option<
     if let Ok(url) = std::env::var("ALGOLINK_DATABASE_URL") {
         config.registry.database = Some(url);
     }
+    if let Ok(url) = std::env::var("ALGOLINK_STORAGE_URL") {
+        config.registry.storage = Some(url);
+    }
     let running = crate::start(config).await?;
     println!("algolink listening on http://{}", running.addr);
     shutdown_signal().await;

@@ -29,18 +29,28 @@ pub struct Config {
 }
 
 /// Where the registry lives. The default is embedded: SQLite and model files under `data_dir`.
-/// Replicas of a cluster share a PostgreSQL database.
+/// Replicas of a cluster share a PostgreSQL database and an S3-compatible bucket; `data_dir`
+/// then holds only a cache of model files, each checked against its sha256 when read.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrySection {
     /// `postgres://user:password@host:5432/db`; the environment variable `ALGOLINK_DATABASE_URL`
     /// overrides it (so a password can come from a secret rather than the file).
     pub database: Option<String>,
+    /// `s3://bucket/optional/prefix` for model files; `ALGOLINK_STORAGE_URL` overrides it.
+    pub storage: Option<String>,
+    /// object_store's S3 options (`endpoint`, `region`, `allow_http`, …). Credentials are best
+    /// left to the usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` environment variables.
+    pub storage_options: std::collections::BTreeMap<String, String>,
 }
 
 impl RegistrySection {
     pub fn backends(&self) -> algolink_registry::Backends {
-        algolink_registry::Backends { database: self.database.clone() }
+        algolink_registry::Backends {
+            database: self.database.clone(),
+            storage: self.storage.clone(),
+            storage_options: self.storage_options.clone(),
+        }
     }
 
     /// Points the registry at the test suite's backends (a fresh PostgreSQL database when the
@@ -48,6 +58,8 @@ impl RegistrySection {
     pub async fn backends_for_tests(&mut self) {
         let backends = algolink_registry::testing::scratch_backends().await.expect("test backends");
         self.database = backends.database;
+        self.storage = backends.storage;
+        self.storage_options = backends.storage_options;
     }
 }
 

@@ -420,7 +420,11 @@ impl AppState {
             decisions: Default::default(),
         };
         let e = self.registry.create_experiment(e).await?;
-        let start_marks = versions.iter().map(|&v| (v, self.traffic_for(name, v).mark())).collect();
+        if self.replicas.shared {
+            // The window starts with the other replicas' counters as fresh as they come.
+            self.share_traffic().await?;
+        }
+        let start_marks = versions.iter().map(|&v| (v, self.merged_mark(name, v))).collect();
         let live = LiveExperiment::new(e.clone(), BTreeMap::new(), start_marks);
         self.experiments.lock().expect("experiments lock").insert(name.to_string(), live);
         let policy = self.registry.policy(name).await?;
@@ -584,22 +588,29 @@ impl AppState {
         Ok(json!({ "recorded": recorded, "duplicates": duplicates }))
     }
 
-    /// One controller pass over every model: bandit shares, rollout steps, retirement.
-    pub async fn tick(&self) {
+    /// One controller pass over every model: bandit shares, then (on the leader) experiment
+    /// verdicts, rollout steps and retirement.
+    pub async fn tick(&self, leader: bool) {
         let models = match self.registry.models().await {
             Ok(m) => m,
             Err(e) => return tracing::error!("lifecycle controller: {e}"),
         };
         for m in models {
-            if let Err(e) = self.tick_model(&m).await {
+            if let Err(e) = self.tick_model(&m, leader).await {
                 tracing::error!(model = %m.name, "lifecycle controller: {e}");
             }
         }
     }
 
-    async fn tick_model(&self, m: &ModelRecord) -> Result<(), ApiError> {
+    async fn tick_model(&self, m: &ModelRecord, leader: bool) -> Result<(), ApiError> {
         let name = &m.name;
         let policy = self.registry.policy(name).await?;
+        // Every replica keeps its own bandit shares (from the shared outcome totals); only the
+        // leader decides.
+        self.reshare_if_due(name, &policy).await?;
+        if !leader {
+            return Ok(());
+        }
         let (verdicts, decided, control) = match self.experiments.lock().expect("experiments lock").get_mut(name) {
             Some(live) => {
                 let verdicts = live.compare();
@@ -623,19 +634,6 @@ impl AppState {
                     d.p_value
                 );
                 self.event(name, Some(v), "experiment", &message, json!({ "experiment": e.id, "decision": d })).await;
-            }
-        }
-        if let Some(route) = policy.route.as_ref().filter(|r| r.strategy == Strategy::Thompson)
-            && policy.active_rollout.is_none()
-        {
-            let due = self
-                .thompson
-                .lock()
-                .expect("thompson lock")
-                .get(name)
-                .is_none_or(|(at, _)| now_ms().saturating_sub(*at) as f64 >= route.rebalance_s * 1e3);
-            if due {
-                self.reshare(name).await?;
             }
         }
         if let Some(r) = &policy.active_rollout {
@@ -663,7 +661,7 @@ impl AppState {
     /// serving version over it.
     fn gate_losses(&self, name: &str, loaded: &[u64], gates: &Gates, window_s: f64) -> BTreeMap<u64, String> {
         let now = now_ms();
-        let marks: BTreeMap<u64, Mark> = loaded.iter().map(|&v| (v, self.traffic_for(name, v).mark())).collect();
+        let marks: BTreeMap<u64, Mark> = loaded.iter().map(|&v| (v, self.merged_mark(name, v))).collect();
         let mut all = self.gate_marks.lock().expect("gate marks lock");
         let due = all.get(name).is_none_or(|(started, _)| now.saturating_sub(*started) as f64 >= window_s * 1e3);
         if !due {
@@ -683,6 +681,23 @@ impl AppState {
         }
         all.insert(name.to_string(), (now, marks));
         lost
+    }
+
+    async fn reshare_if_due(&self, name: &str, policy: &ModelPolicy) -> Result<(), ApiError> {
+        if let Some(route) = policy.route.as_ref().filter(|r| r.strategy == Strategy::Thompson)
+            && policy.active_rollout.is_none()
+        {
+            let due = self
+                .thompson
+                .lock()
+                .expect("thompson lock")
+                .get(name)
+                .is_none_or(|(at, _)| now_ms().saturating_sub(*at) as f64 >= route.rebalance_s * 1e3);
+            if due {
+                self.reshare(name).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Re-computes the Thompson shares of a model's route from its running experiment.
@@ -718,8 +733,8 @@ impl AppState {
             self.mark_rollout_step(name, r);
             return Ok(());
         };
-        let (canary, canary_latency) = self.traffic_for(name, r.canary).mark().since(&canary_mark);
-        let (control, control_latency) = self.traffic_for(name, r.control).mark().since(&control_mark);
+        let (canary, canary_latency) = self.merged_mark(name, r.canary).since(&canary_mark);
+        let (control, control_latency) = self.merged_mark(name, r.control).since(&control_mark);
         let windows = json!({
             "canary": { "version": r.canary, "requests": canary.requests, "errors": canary.errors, "latency_ms": crate::lifecycle::percentiles_ms(&canary_latency) },
             "control": { "version": r.control, "requests": control.requests, "errors": control.errors, "latency_ms": crate::lifecycle::percentiles_ms(&control_latency) },

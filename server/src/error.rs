@@ -92,7 +92,14 @@ impl From<RegistryError> for ApiError {
             | RegistryError::TokenNotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
             RegistryError::Corrupt { .. } => ApiError::Internal(e.to_string()),
-            RegistryError::Database(_) | RegistryError::Io(_) => {
+            RegistryError::Storage(_) => {
+                tracing::error!("registry: {e}");
+                ApiError::Unavailable {
+                    message: "the model store is unavailable (see the server log)".into(),
+                    retry_after: Some(Duration::from_secs(1)),
+                }
+            }
+            RegistryError::Database(_) | RegistryError::Io(_) | RegistryError::Config(_) => {
                 tracing::error!("registry: {e}");
                 ApiError::Internal("registry storage error (see the server log)".into())
             }

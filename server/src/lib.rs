@@ -10,6 +10,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod metrics;
 pub mod oip;
+mod replicas;
 pub mod state;
 pub mod ui;
 pub mod webhooks;
@@ -68,13 +69,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running { addr, state, shutdown: tx, task })
 }
 
-/// Runs the lifecycle controller every `lifecycle_interval_ms` until shutdown.
+/// Runs a controller pass (sync with other replicas, lifecycle decisions) every
+/// `lifecycle_interval_ms` until shutdown.
 async fn controller(state: Arc<AppState>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut every = tokio::time::interval(std::time::Duration::from_millis(state.config.server.lifecycle_interval_ms));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = every.tick() => state.tick().await,
+            _ = every.tick() => state.controller_pass().await,
             _ = shutdown.changed() => return,
         }
     }

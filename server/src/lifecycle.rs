@@ -14,7 +14,7 @@ use algolink_registry::lifecycle::retire::VersionFacts;
 use algolink_registry::lifecycle::rollout::Window;
 use algolink_registry::lifecycle::route::{Split, Strategy, Target, shadowed, traffic_slot};
 use algolink_registry::lifecycle::stats::{
-    Comparison, LatencyHistogram, LatencySnapshot, Moments, Verdict, msprt, verdict,
+    Comparison, LatencyHistogram, LatencySnapshot, Moments, TrafficTotals, Verdict, msprt, verdict,
 };
 use algolink_registry::lifecycle::{Experiment, ModelPolicy, bandit};
 use serde_json::{Value, json};
@@ -63,9 +63,28 @@ impl TrafficStats {
     pub fn last_request_ms(&self) -> Option<u64> {
         Some(self.last_request_ms.load(Relaxed)).filter(|&t| t > 0)
     }
+
+    /// The counters as replicas share them.
+    pub fn totals(&self) -> TrafficTotals {
+        let m = self.mark();
+        TrafficTotals {
+            requests: m.requests,
+            errors: m.errors,
+            latency: m.latency,
+            last_request_ms: self.last_request_ms(),
+        }
+    }
 }
 
 impl Mark {
+    /// This mark with other replicas' counters added.
+    pub fn plus(mut self, elsewhere: &TrafficTotals) -> Mark {
+        self.requests += elsewhere.requests;
+        self.errors += elsewhere.errors;
+        self.latency.add(&elsewhere.latency);
+        self
+    }
+
     /// What happened between `earlier` and this mark.
     pub fn since(&self, earlier: &Mark) -> (Window, LatencySnapshot) {
         let latency = self.latency.since(&earlier.latency);

@@ -1,12 +1,13 @@
 //! The server's shared state and the lifecycle of versions: push, load, swap, unload.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use algolink_engine::{LoadOptions, Model, Scheduler, Stats, load_model};
 use algolink_registry::lifecycle::ModelPolicy;
 use algolink_registry::lifecycle::rollout::Rollout;
+use algolink_registry::lifecycle::stats::TrafficTotals;
 use algolink_registry::policy::aspired;
 use algolink_registry::{ArtifactLimits, Format, Manager, Registry, RegistryError, VersionRecord, VersionState};
 use serde_json::{Value, json};
@@ -67,6 +68,28 @@ pub struct AppState {
     pub shadow_slots: Arc<tokio::sync::Semaphore>,
     /// Wakes the webhook workers when an event is appended.
     pub events_appended: Arc<tokio::sync::Notify>,
+    /// Other replicas sharing the registry, and what this one knows of them.
+    pub replicas: Replicas,
+    /// Traffic counters of the other replicas, summed per (model, version), as last read.
+    elsewhere: RwLock<BTreeMap<(String, u64), TrafficTotals>>,
+}
+
+/// This replica among those sharing a registry (on PostgreSQL). On SQLite the registry belongs
+/// to one process: nothing is shared and this replica always leads.
+pub struct Replicas {
+    /// This replica's name in shared records: the host name (a pod's name on Kubernetes) and
+    /// a random suffix, new at every start.
+    pub id: String,
+    /// Whether other replicas may share the registry (it is on PostgreSQL).
+    pub shared: bool,
+    /// The newest event this replica has acted on.
+    pub(crate) seen_event: AtomicU64,
+    /// Events this replica appended itself and so need not act on again.
+    pub(crate) own_events: Mutex<BTreeSet<u64>>,
+    /// Whether this replica held the leader lease at the last controller pass.
+    pub leader: AtomicBool,
+    /// When every model was last refreshed whatever the event log said.
+    pub(crate) last_full_sync: Mutex<std::time::Instant>,
 }
 
 impl AppState {
@@ -74,7 +97,6 @@ impl AppState {
         AppState {
             auth: crate::auth::Auth::new(config.auth_enabled(), std::time::Duration::from_millis(config.auth.cache_ms)),
             config,
-            registry,
             manager: Manager::default(),
             stats: Mutex::new(BTreeMap::new()),
             unloaded: Mutex::new(HashSet::new()),
@@ -91,6 +113,20 @@ impl AppState {
             gate_marks: Mutex::new(HashMap::new()),
             shadow_slots: Arc::new(tokio::sync::Semaphore::new(64)),
             events_appended: Arc::new(tokio::sync::Notify::new()),
+            replicas: Replicas {
+                id: format!(
+                    "{}-{:06x}",
+                    std::env::var("HOSTNAME").unwrap_or_else(|_| "algolink".into()),
+                    rand::random::<u32>() & 0xff_ffff
+                ),
+                shared: registry.dialect() == algolink_registry::Dialect::Postgres,
+                seen_event: AtomicU64::new(0),
+                own_events: Mutex::new(BTreeSet::new()),
+                leader: AtomicBool::new(false),
+                last_full_sync: Mutex::new(std::time::Instant::now()),
+            },
+            elsewhere: RwLock::new(BTreeMap::new()),
+            registry,
         }
     }
 
@@ -135,9 +171,30 @@ impl AppState {
         self.traffic.lock().expect("traffic lock").entry((name.to_string(), version)).or_default().clone()
     }
 
-    /// The traffic mark of a version, if it ever took a request.
+    /// The traffic mark of a version over every replica (this one's counters now, the others'
+    /// as last shared), if it ever took a request.
     pub fn traffic_mark(&self, name: &str, version: u64) -> Option<Mark> {
-        self.traffic.lock().expect("traffic lock").get(&(name.to_string(), version)).map(|t| t.mark())
+        let key = (name.to_string(), version);
+        let local = self.traffic.lock().expect("traffic lock").get(&key).map(|t| t.mark());
+        let elsewhere = self.elsewhere.read().expect("elsewhere lock").get(&key).cloned();
+        match (local, elsewhere) {
+            (None, None) => None,
+            (local, elsewhere) => Some(local.unwrap_or_default().plus(&elsewhere.unwrap_or_default())),
+        }
+    }
+
+    /// This replica's traffic counters per (model, version), as replicas share them.
+    pub(crate) fn traffic_totals(&self) -> Vec<((String, u64), TrafficTotals)> {
+        self.traffic.lock().expect("traffic lock").iter().map(|(k, t)| (k.clone(), t.totals())).collect()
+    }
+
+    pub(crate) fn set_elsewhere(&self, totals: BTreeMap<(String, u64), TrafficTotals>) {
+        *self.elsewhere.write().expect("elsewhere lock") = totals;
+    }
+
+    /// `traffic_mark`, zero when the version never took a request: what lifecycle decisions judge.
+    pub fn merged_mark(&self, name: &str, version: u64) -> Mark {
+        self.traffic_mark(name, version).unwrap_or_default()
     }
 
     pub fn shadow_for(&self, name: &str, version: u64) -> Arc<ShadowStats> {
@@ -149,7 +206,8 @@ impl AppState {
         let key = (name.to_string(), version);
         let live = self.traffic.lock().expect("traffic lock").get(&key).and_then(|t| t.last_request_ms());
         let mirrored = self.shadows.lock().expect("shadow lock").get(&key).and_then(|s| s.traffic.last_request_ms());
-        live.max(mirrored)
+        let elsewhere = self.elsewhere.read().expect("elsewhere lock").get(&key).and_then(|t| t.last_request_ms);
+        live.max(mirrored).max(elsewhere)
     }
 
     /// The version answering most unversioned requests: a rollout's control, a route's first
@@ -170,7 +228,12 @@ impl AppState {
         }
         tracing::info!(model = name, version, kind, "{message}");
         match self.registry.append_event(name, version, kind, message, detail).await {
-            Ok(_) => self.events_appended.notify_waiters(),
+            Ok(e) => {
+                if self.replicas.shared {
+                    self.replicas.own_events.lock().expect("own events lock").insert(e.id);
+                }
+                self.events_appended.notify_waiters()
+            }
             Err(e) => tracing::error!(model = name, kind, "could not record the event: {e}"),
         }
     }
@@ -193,6 +256,8 @@ impl AppState {
     /// Start-up: pushes the configured preloads that the registry lacks, then loads every model
     /// by its version policy. The server is ready when this returns.
     pub async fn start(&self) -> anyhow::Result<()> {
+        // What happened before is read below: only later events concern the sync.
+        self.replicas.seen_event.store(self.registry.last_event_id().await?, Ordering::Release);
         for p in &self.config.preload {
             if self.registry.model(&p.name).await.is_ok() {
                 continue;
@@ -368,12 +433,23 @@ impl AppState {
         let wanted = wanted_given(&failed);
         let loaded = self.manager.loaded_versions(name);
         let newest = aspired_given(&failed).into_iter().chain(wanted.iter().copied()).find(|v| loaded.contains(v));
-        if let Some(newest) = newest {
-            self.manager.set_default(name, newest);
-        }
-        // The new routing is in place before anything it no longer uses is removed.
+        let set_default = || {
+            if let Some(newest) = newest {
+                self.manager.set_default(name, newest);
+            }
+        };
+        // Traffic moves without a gap: a new routing is in place before the default version
+        // changes under it, the default is right before a routing is removed, and both before
+        // anything they no longer use is unloaded.
         self.aliases.write().expect("aliases lock").insert(name.to_string(), aliases.clone());
-        self.install_routing_of(name, &policy, &aliases, |v| wanted.contains(&v));
+        let routing = self.build_routing_of(name, &policy, &aliases, |v| wanted.contains(&v));
+        if routing.is_some() {
+            self.put_routing(name, routing);
+            set_default();
+        } else {
+            set_default();
+            self.put_routing(name, None);
+        }
         for &v in loaded.iter().filter(|v| !wanted.contains(v)) {
             // In-flight requests hold the version until they are answered; it unloads after.
             self.manager.remove(name, v);
@@ -391,23 +467,26 @@ impl AppState {
 
     /// Rebuilds the routing of a model's unversioned requests from its policy and what is loaded.
     pub(crate) fn install_routing(&self, name: &str, policy: &ModelPolicy, aliases: &BTreeMap<String, u64>) {
-        self.install_routing_of(name, policy, aliases, |_| true);
+        self.put_routing(name, self.build_routing_of(name, policy, aliases, |_| true));
     }
 
-    /// Like `install_routing`, using only the loaded versions that `keep` accepts (those that stay
-    /// loaded: the routing holds their handles).
-    fn install_routing_of(
+    /// The routing of a model from its policy, using only the loaded versions that `keep` accepts
+    /// (those that stay loaded: the routing holds their handles).
+    fn build_routing_of(
         &self,
         name: &str,
         policy: &ModelPolicy,
         aliases: &BTreeMap<String, u64>,
         keep: impl Fn(u64) -> bool,
-    ) {
+    ) -> Option<Routing> {
         let experiment = self.experiments.lock().expect("experiments lock").get(name).map(|l| l.experiment.clone());
         let shares = self.thompson.lock().expect("thompson lock").get(name).map(|(_, s)| s.clone());
-        let routing = build_routing(policy, aliases, experiment.as_ref(), shares.as_deref(), |v| {
+        build_routing(policy, aliases, experiment.as_ref(), shares.as_deref(), |v| {
             keep(v).then(|| self.manager.get(name, Some(v)).map(|(_, s)| s)).flatten()
-        });
+        })
+    }
+
+    fn put_routing(&self, name: &str, routing: Option<Routing>) {
         let mut routes = self.routes.write().expect("routes lock");
         match routing {
             Some(r) => routes.insert(name.to_string(), Arc::new(r)),
@@ -426,7 +505,7 @@ impl AppState {
     }
 
     pub(crate) fn mark_rollout_step(&self, name: &str, r: &Rollout) {
-        let marks = (self.traffic_for(name, r.canary).mark(), self.traffic_for(name, r.control).mark());
+        let marks = (self.merged_mark(name, r.canary), self.merged_mark(name, r.control));
         self.rollout_marks.lock().expect("marks lock").insert(name.to_string(), marks);
     }
 

@@ -21,18 +21,22 @@ async fn serve(extra: &str) -> (std::process::Child, String, tempfile::TempDir) 
     let port = free_port();
     let config = dir.path().join("algolink.toml");
     std::fs::write(&config, format!("[server]\nhttp = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n{extra}")).unwrap();
-    let database = algolink_registry::testing::scratch_backends().await.unwrap().database;
+    let backends = algolink_registry::testing::scratch_backends().await.unwrap();
     let mut server = Command::new(env!("CARGO_BIN_EXE_algolink"));
-    match &database {
-        Some(url) => server.env("ALGOLINK_DATABASE_URL", url),
-        None => server.env_remove("ALGOLINK_DATABASE_URL"),
-    };
+    for (variable, value) in
+        [("ALGOLINK_DATABASE_URL", &backends.database), ("ALGOLINK_STORAGE_URL", &backends.storage)]
+    {
+        match value {
+            Some(url) => server.env(variable, url),
+            None => server.env_remove(variable),
+        };
+    }
     let mut server =
         server.args(["serve", "--config"]).arg(&config).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut first_line = String::new();
     BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
     assert!(first_line.contains(&format!("127.0.0.1:{port}")), "{first_line}");
-    let metadata = if database.is_some() { "data/blobs" } else { "data/registry.db" };
+    let metadata = if backends.database.is_some() { "data/blobs" } else { "data/registry.db" };
     assert!(dir.path().join(metadata).exists(), "data_dir is relative to the config file");
     (server, format!("http://127.0.0.1:{port}"), dir)
 }

@@ -176,8 +176,11 @@ async fn a_version_that_no_longer_loads_is_marked_failed_and_the_previous_one_se
         running.stop().await.unwrap();
         model["versions"][1]["sha256"].as_str().unwrap().to_string()
     };
-    // The newest version's file goes bad while the server is down.
-    std::fs::write(dir.path().join("blobs/sha256").join(&sha2), b"bit rot").unwrap();
+    // The newest version's file goes bad while the server is down (in the object store too, when
+    // the suite runs on one).
+    let registry = algolink_registry::Registry::connect(dir.path(), &base.registry.backends()).await.unwrap();
+    algolink_registry::testing::tamper(&registry, &sha2, b"bit rot").await.unwrap();
+    registry.close().await;
     let running = algolink_server::start(config()).await.unwrap();
     let url = format!("http://{}", running.addr);
     let answer: Value = client

@@ -18,6 +18,7 @@ async fn health_metadata_and_json_inference() {
     let meta: Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(meta["name"], "algolink");
     assert!(meta["extensions"].as_array().unwrap().contains(&json!("binary_tensor_data")));
+    assert!(meta["replica"]["id"].as_str().is_some_and(|id| !id.is_empty()), "{meta}");
 
     server.push("iris", "iris_logreg.onnx").await;
     let (status, meta) = server.get("/v2/models/iris").await;

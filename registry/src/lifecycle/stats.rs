@@ -266,6 +266,34 @@ impl LatencySnapshot {
         }
     }
 
+    /// Adds another histogram's counts (histograms from several replicas merge exactly).
+    pub fn add(&mut self, other: &LatencySnapshot) {
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (c, o) in self.counts.iter_mut().zip(&other.counts) {
+            *c += o;
+        }
+    }
+
+    /// A compact text form for storage: `bucket:count` pairs of the non-empty buckets.
+    pub fn encode(&self) -> String {
+        let pairs: Vec<String> =
+            self.counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(i, c)| format!("{i}:{c}")).collect();
+        pairs.join(",")
+    }
+
+    /// Reads `encode`'s form; `None` when it is not that.
+    pub fn decode(text: &str) -> Option<LatencySnapshot> {
+        let mut counts = vec![0; BUCKETS];
+        for pair in text.split(',').filter(|p| !p.is_empty()) {
+            let (i, c) = pair.split_once(':')?;
+            let i: usize = i.parse().ok()?;
+            *counts.get_mut(i)? = c.parse().ok()?;
+        }
+        Some(LatencySnapshot { counts })
+    }
+
     /// The `q` quantile in seconds (the upper bound of its bucket); `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         let total = self.count();
@@ -284,9 +312,48 @@ impl LatencySnapshot {
     }
 }
 
+/// One version's cumulative traffic counters on one replica, as replicas share them: summed over
+/// replicas, they are what the lifecycle's gates and experiments judge.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrafficTotals {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: LatencySnapshot,
+    pub last_request_ms: Option<u64>,
+}
+
+impl TrafficTotals {
+    pub fn add(&mut self, other: &TrafficTotals) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.latency.add(&other.latency);
+        self.last_request_ms = self.last_request_ms.max(other.last_request_ms);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_histograms_survive_encoding_and_merge_exactly() {
+        let (a, b, both) = (LatencyHistogram::default(), LatencyHistogram::default(), LatencyHistogram::default());
+        for (i, ms) in [0.2, 1.0, 3.0, 3.1, 40.0, 900.0].into_iter().enumerate() {
+            let h = if i % 2 == 0 { &a } else { &b };
+            h.record(ms / 1e3);
+            both.record(ms / 1e3);
+        }
+        let encoded = a.snapshot().encode();
+        assert_eq!(LatencySnapshot::decode(&encoded), Some(a.snapshot()));
+        assert_eq!(LatencySnapshot::decode(""), Some(LatencyHistogram::default().snapshot()));
+        let mut merged = LatencySnapshot::decode(&encoded).unwrap();
+        merged.add(&b.snapshot());
+        assert_eq!(merged, both.snapshot());
+        assert_eq!(merged.quantile(0.5), both.snapshot().quantile(0.5));
+        for bad in ["x", "1:", "9999:1", "1:2:3", "-1:4"] {
+            assert_eq!(LatencySnapshot::decode(bad), None, "{bad}");
+        }
+    }
 
     fn bernoulli(n: u64, successes: u64) -> Moments {
         Moments { n, sum: successes as f64, sum_sq: successes as f64 }
