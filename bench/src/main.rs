@@ -7,6 +7,13 @@
 //! percentiles, as JSON lines on stdout.
 //!
 //!     algolink-bench --url http://127.0.0.1:8000 --model iris --request iris.json -c 1,16,32
+//!
+//! With `--rate`, an open loop instead: requests leave at that rate whatever the answers (as
+//! real traffic does), for `--duration-s`; the report separates answers (200), refusals (429 or
+//! 503, and whether they carried `Retry-After`) and errors, with their latencies: the overload
+//! and soak runs in `tests/faults/` read it.
+//!
+//!     algolink-bench --model iris --request iris.json --rate 4000 --duration-s 20 --slo-ms 100
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +55,116 @@ struct Args {
     /// perf_analyzer does by default) instead of JSON data.
     #[arg(long)]
     binary: bool,
+    /// Open loop: requests per second, sent on schedule whatever the answers.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Open loop: how long to send, in seconds.
+    #[arg(long, default_value_t = 20.0)]
+    duration_s: f64,
+    /// Open loop: answers slower than this count as late (reported as `ok_within_slo`).
+    #[arg(long)]
+    slo_ms: Option<f64>,
+    /// Open loop: requests outstanding at most; a request due beyond it is counted as
+    /// `not_sent` (the client, not the server, is saturated).
+    #[arg(long, default_value_t = 20_000)]
+    max_in_flight: usize,
+}
+
+#[derive(Serialize)]
+struct OpenReport {
+    label: String,
+    model: String,
+    rate: f64,
+    duration_s: f64,
+    sent: usize,
+    not_sent: usize,
+    ok: usize,
+    ok_rps: f64,
+    ok_p50_ms: f64,
+    ok_p99_ms: f64,
+    ok_within_slo: usize,
+    refused: usize,
+    refused_with_retry_after: usize,
+    refusal_p50_ms: f64,
+    refusal_p99_ms: f64,
+    errors: usize,
+    error_statuses: Vec<u16>,
+}
+
+/// What one open-loop request came to: status (0: no answer), latency, `Retry-After` present.
+type Outcome = (u16, Duration, bool);
+
+async fn open_loop(
+    args: &Args,
+    client: &reqwest::Client,
+    url: &str,
+    bodies: &Arc<Vec<Request>>,
+    rate: f64,
+) -> OpenReport {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let total = (rate * args.duration_s).round() as usize;
+    let start = tokio::time::Instant::now();
+    let mut not_sent = 0;
+    for i in 0..total {
+        // On schedule: request i leaves at i / rate, however the earlier ones fared.
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        if in_flight.load(Ordering::Relaxed) >= args.max_in_flight {
+            not_sent += 1;
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let request = bodies[i % bodies.len()].send(client, url);
+        let (tx, in_flight) = (tx.clone(), in_flight.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let outcome = match request.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let retry_after = r.headers().contains_key(reqwest::header::RETRY_AFTER);
+                    let complete = r.bytes().await.is_ok();
+                    (if complete { status } else { 0 }, t.elapsed(), retry_after)
+                }
+                Err(_) => (0, t.elapsed(), false),
+            };
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(outcome);
+        });
+    }
+    drop(tx);
+    let mut outcomes = Vec::with_capacity(total);
+    while let Some(o) = rx.recv().await {
+        outcomes.push(o);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut ok: Vec<Duration> = outcomes.iter().filter(|o| o.0 == 200).map(|o| o.1).collect();
+    let mut refusals: Vec<Duration> = outcomes.iter().filter(|o| o.0 == 429 || o.0 == 503).map(|o| o.1).collect();
+    ok.sort_unstable();
+    refusals.sort_unstable();
+    let mut error_statuses: Vec<u16> = outcomes.iter().map(|o| o.0).filter(|s| !matches!(s, 200 | 429 | 503)).collect();
+    error_statuses.sort_unstable();
+    let errors = error_statuses.len();
+    error_statuses.dedup();
+    let slo = args.slo_ms.map(|ms| Duration::from_secs_f64(ms / 1e3));
+    OpenReport {
+        label: args.label.clone(),
+        model: args.model.clone(),
+        rate,
+        duration_s: args.duration_s,
+        sent: outcomes.len(),
+        not_sent,
+        ok_rps: ok.len() as f64 / elapsed,
+        ok: ok.len(),
+        ok_p50_ms: percentile(&ok, 0.50),
+        ok_p99_ms: percentile(&ok, 0.99),
+        ok_within_slo: slo.map_or(ok.len(), |slo| ok.iter().filter(|l| **l <= slo).count()),
+        refused: refusals.len(),
+        refused_with_retry_after: outcomes.iter().filter(|o| (o.0 == 429 || o.0 == 503) && o.2).count(),
+        refusal_p50_ms: percentile(&refusals, 0.50),
+        refusal_p99_ms: percentile(&refusals, 0.99),
+        errors,
+        error_statuses,
+    }
 }
 
 /// Rewrites a JSON request into the binary tensor form: each input's data becomes raw
@@ -216,6 +333,12 @@ async fn main() -> anyhow::Result<()> {
             r.status(),
             r.text().await.unwrap_or_default()
         );
+    }
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(rate > 0.0 && args.duration_s > 0.0, "--rate and --duration-s must be positive");
+        let report = open_loop(&args, &client, &url, &body, rate).await;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
     }
     for &c in &args.concurrency {
         let length = Duration::from_millis(args.window_ms);

@@ -51,8 +51,20 @@ impl Default for LoadOptions {
 
 /// Prepares a model on its device: parses and checks the files, optimises the graph or places
 /// the weights, then warms it up. Any problem with the files is an `InvalidModel` or
-/// `Unsupported` error naming it.
+/// `Unsupported` error naming it, including a file that makes a third-party parser panic (tract
+/// indexes maps with names taken from the file): an upload is untrusted input.
 pub fn load_model(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn Model>, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_unguarded(files, options))).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(EngineError::InvalidModel(format!("the model's files broke the importer ({why}): the file is malformed")))
+    })
+}
+
+fn load_unguarded(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn Model>, EngineError> {
     let onnx = find(files, ".onnx");
     let weights = find(files, ".safetensors");
     let model: Arc<dyn Model> = match (onnx.as_slice(), weights.as_slice()) {

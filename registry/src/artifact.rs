@@ -114,7 +114,8 @@ pub fn unpack(format: Format, blob: Bytes, limits: ArtifactLimits) -> Result<BTr
                         limits.max_entries, limits.max_total_bytes
                     )));
                 }
-                let mut data = Vec::with_capacity(size as usize);
+                // The header's size is a claim: never reserve more than the archive could hold.
+                let mut data = Vec::with_capacity(size.min(blob.len() as u64) as usize);
                 entry.read_to_end(&mut data).map_err(|e| bad(format!("tar entry {}: {e}", path.display())))?;
                 entries.push((parts, Bytes::from(data)));
             }
@@ -190,6 +191,18 @@ mod tests {
         assert!(unpack(Format::Tar, Bytes::from(tar.clone()), limits).is_err());
         let limits = ArtifactLimits { max_entries: 10, max_total_bytes: 2 };
         assert!(unpack(Format::Tar, Bytes::from(tar), limits).is_err());
+    }
+
+    #[test]
+    fn a_size_claimed_beyond_the_archive_reserves_no_memory_for_it() {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("model.onnx").unwrap();
+        h.set_size(1 << 40); // 1 TiB claimed; the archive holds 512 bytes of it
+        h.set_cksum();
+        let mut blob = h.as_bytes().to_vec();
+        blob.extend_from_slice(&[0u8; 512]);
+        let limits = ArtifactLimits { max_entries: 8, max_total_bytes: u64::MAX };
+        assert!(unpack(Format::Tar, Bytes::from(blob), limits).is_err());
     }
 
     #[test]

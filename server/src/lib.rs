@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod fuzzing;
 pub mod lifecycle;
 pub mod metrics;
 pub mod oip;

@@ -108,6 +108,9 @@ pub struct Adaptive {
     pub busy_until: Option<Instant>,
     /// Rows of the batch on the device (0 when idle).
     pub running_rows: usize,
+    /// Rows of the batch formed and handed to the executor but not started (the prefetched
+    /// one): it runs before anything still queued.
+    pub handed_over_rows: usize,
 }
 
 /// The adaptive choice for the queue's candidate batch.
@@ -159,7 +162,10 @@ impl Adaptive {
     /// When a request of `rows` would finish if queued now behind `queued_rows`: after the batch
     /// on the device, in batches of at most `max_batch`. `None` before the first execution.
     pub fn predicted_finish(&self, now: Instant, queued_rows: usize, rows: usize, max_batch: usize) -> Option<Instant> {
-        let start = self.busy_until.filter(|&b| b > now).unwrap_or(now);
+        let mut start = self.busy_until.filter(|&b| b > now).unwrap_or(now);
+        if self.handed_over_rows > 0 {
+            start += Duration::from_secs_f64(self.latency.predict(self.handed_over_rows)?);
+        }
         let ahead = queued_rows + rows;
         let full_batches = ahead / max_batch.max(1);
         let rest = ahead % max_batch.max(1);
@@ -241,6 +247,7 @@ mod tests {
             arrivals: with_rate(per_s),
             busy_until: busy.map(|b| t0 + ms(b)),
             running_rows: 0,
+            handed_over_rows: 0,
         };
         // (what, state, rows queued, oldest age ms, plan)
         let cases: Vec<(&str, Adaptive, usize, f64, Plan)> = vec![
@@ -284,6 +291,11 @@ mod tests {
         let s = state(Some(10.0), 1000);
         let finish = s.predicted_finish(t0, 39, 1, 32).unwrap();
         let want = t0 + ms(10.0 + 20.0 + 8.0);
+        assert!(finish.max(want) - finish.min(want) < ms(0.01), "{:?}", finish - t0);
+        // A batch handed over but not started (16 rows) runs first: t(16) = 12 ms more.
+        let s = Adaptive { handed_over_rows: 16, ..state(Some(10.0), 1000) };
+        let finish = s.predicted_finish(t0, 39, 1, 32).unwrap();
+        let want = t0 + ms(10.0 + 12.0 + 20.0 + 8.0);
         assert!(finish.max(want) - finish.min(want) < ms(0.01), "{:?}", finish - t0);
         assert_eq!(Adaptive::default().predicted_finish(t0, 0, 1, 32), None);
     }

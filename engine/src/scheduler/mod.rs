@@ -217,6 +217,10 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
             let next = {
                 let mut q = shared.queue.lock().expect("queue lock");
                 let next = q.next_batch(Instant::now());
+                if matches!(next.decision, Decision::Run) {
+                    // Out of the queue, not yet on the device: still ahead of every new arrival.
+                    q.adaptive.handed_over_rows = next.batch.iter().map(|e| e.rows).sum();
+                }
                 stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
                 next
             };
@@ -288,6 +292,7 @@ fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sta
             let took = q.adaptive.latency.predict(total).map(Duration::from_secs_f64);
             q.adaptive.busy_until = Some(start + took.unwrap_or_default());
             q.adaptive.running_rows = total;
+            q.adaptive.handed_over_rows = 0;
         }
         let result = run_guarded(model.as_ref(), batch.inputs);
         let took = start.elapsed();
