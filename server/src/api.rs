@@ -273,13 +273,23 @@ struct Answer {
 }
 
 /// Runs a request on one version, recording its statistics.
-async fn attempt(servable: &Arc<Servable>, body: &Bytes, header_len: Option<usize>) -> Result<Answer, ApiError> {
+async fn attempt(
+    servable: &Arc<Servable>,
+    body: &Bytes,
+    header_len: Option<usize>,
+    arrived: Instant,
+) -> Result<Answer, ApiError> {
     let started = Instant::now();
     let result = async {
         let call = oip::parse_request(body, header_len, servable.scheduler.model().signature())?;
         let outputs = servable
             .scheduler
-            .infer(InferRequest { inputs: call.inputs.clone(), priority: call.priority, timeout: call.timeout })
+            .infer(InferRequest {
+                inputs: call.inputs.clone(),
+                priority: call.priority,
+                timeout: call.timeout,
+                arrived: Some(arrived),
+            })
             .await?;
         Ok(Answer { version: servable.version, servable: servable.clone(), call, outputs })
     }
@@ -313,6 +323,8 @@ async fn run_infer(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The latency objective counts from here: reading and parsing the body are part of it.
+    let arrived = Instant::now();
     enum Dispatch {
         Direct(Arc<Servable>),
         Routed(Arc<crate::lifecycle::Routing>),
@@ -332,12 +344,12 @@ async fn run_infer(
         ),
     };
     let (answer, label) = match &dispatch {
-        Dispatch::Direct(s) => (attempt(s, &body, header_len).await?, None),
+        Dispatch::Direct(s) => (attempt(s, &body, header_len, arrived).await?, None),
         Dispatch::Routed(r) => {
             let key = routing_key(headers, &body, header_len);
             let i = r.pick(name, key.as_deref());
             let mut served = i;
-            let mut result = attempt(&r.variants[i].servable, &body, header_len).await;
+            let mut result = attempt(&r.variants[i].servable, &body, header_len, arrived).await;
             if let (Err(e), Some(f)) = (&result, r.fallback)
                 && e.is_retryable_elsewhere()
                 && f != i
@@ -348,7 +360,7 @@ async fn run_infer(
                     "canary failed ({e}); answered by the control"
                 );
                 served = f;
-                result = attempt(&r.variants[f].servable, &body, header_len).await;
+                result = attempt(&r.variants[f].servable, &body, header_len, arrived).await;
             }
             let answer = result?;
             if let Some(exp) = r.experiment {
@@ -401,7 +413,12 @@ fn mirror(st: &AppState, name: &str, shadow: &crate::lifecycle::RoutedVariant, a
     tokio::spawn(async move {
         let started = Instant::now();
         // The default (lowest) priority: a mirror never overtakes a live request in that queue.
-        let request = InferRequest { inputs, priority: u32::MAX, timeout: Some(std::time::Duration::from_secs(10)) };
+        let request = InferRequest {
+            inputs,
+            priority: u32::MAX,
+            timeout: Some(std::time::Duration::from_secs(10)),
+            arrived: None,
+        };
         let result = servable.scheduler.infer(request).await;
         stats.traffic.record(started.elapsed(), result.is_err());
         if let Ok(outputs) = result {

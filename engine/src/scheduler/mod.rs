@@ -27,6 +27,9 @@ pub struct InferRequest {
     pub priority: u32,
     /// The protocol's `timeout`: how long the request may wait before it reaches the device.
     pub timeout: Option<Duration>,
+    /// When the request reached the server (before its body was read and parsed): its latency
+    /// objective and timeout count from here. `None`: from the call to `infer`.
+    pub arrived: Option<Instant>,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Tensor>, EngineError>>;
@@ -131,12 +134,13 @@ impl Scheduler {
             false => 1,
         };
         let now = Instant::now();
+        let arrived = request.arrived.filter(|&a| a <= now).unwrap_or(now);
         let (reply, rx) = oneshot::channel();
         let entry = Entry {
             rows,
             priority: if request.priority == 0 { u32::MAX } else { request.priority },
-            enqueued: now,
-            deadline: request.timeout.map(|t| now + t),
+            enqueued: arrived,
+            deadline: request.timeout.map(|t| arrived + t),
             shape_key: shape_key(&inputs),
             seq_len,
             payload: Pending { inputs, reply },
