@@ -36,10 +36,20 @@ impl AppState {
         self.tick(leader).await;
     }
 
-    /// Writes this replica's counters and reads the sum of everyone else's.
+    /// Writes this replica's counters that changed since they were last written (every request
+    /// counts, so an unchanged count means an unchanged row), and reads the sum of everyone else's.
     pub(crate) async fn share_traffic(&self) -> Result<(), ApiError> {
-        let rows: Vec<_> = self.traffic_totals();
-        self.registry.save_traffic(&self.replicas.id, &rows).await?;
+        let rows: Vec<_> = {
+            let shared = self.replicas.shared_requests.lock().expect("shared requests lock");
+            let mut rows = self.traffic_totals();
+            rows.retain(|(key, t)| shared.get(key) != Some(&t.requests));
+            rows
+        };
+        if !rows.is_empty() {
+            self.registry.save_traffic(&self.replicas.id, &rows).await?;
+            let mut shared = self.replicas.shared_requests.lock().expect("shared requests lock");
+            shared.extend(rows.iter().map(|(key, t)| (key.clone(), t.requests)));
+        }
         let elsewhere = self.registry.traffic_elsewhere(&self.replicas.id).await?;
         self.set_elsewhere(elsewhere);
         Ok(())

@@ -86,6 +86,8 @@ pub struct Replicas {
     pub(crate) seen_event: AtomicU64,
     /// Events this replica appended itself and so need not act on again.
     pub(crate) own_events: Mutex<BTreeSet<u64>>,
+    /// The request count of each (model, version) as last written to the registry.
+    pub(crate) shared_requests: Mutex<HashMap<(String, u64), u64>>,
     /// Whether this replica held the leader lease at the last controller pass.
     pub leader: AtomicBool,
     /// When every model was last refreshed whatever the event log said.
@@ -122,6 +124,7 @@ impl AppState {
                 shared: registry.dialect() == algolink_registry::Dialect::Postgres,
                 seen_event: AtomicU64::new(0),
                 own_events: Mutex::new(BTreeSet::new()),
+                shared_requests: Mutex::new(HashMap::new()),
                 leader: AtomicBool::new(false),
                 last_full_sync: Mutex::new(std::time::Instant::now()),
             },

@@ -21,22 +21,18 @@ fn replay(target: &str, run: fn(&[u8])) {
     println!("{target}: {} inputs replayed", entries.len());
 }
 
-#[test]
-fn oip_json_corpus() {
-    replay("oip_json", algolink_server::fuzzing::oip_json);
-}
+/// A fuzz target's name and its entry point.
+type Target = (&'static str, fn(&[u8]));
 
 #[test]
-fn oip_binary_corpus() {
-    replay("oip_binary", algolink_server::fuzzing::oip_binary);
-}
-
-#[test]
-fn upload_corpus() {
-    replay("upload", algolink_server::fuzzing::upload);
-}
-
-#[test]
-fn config_corpus() {
-    replay("config", algolink_server::fuzzing::config);
+fn every_corpus_replays_without_a_panic() {
+    let targets: [Target; 4] = [
+        ("oip_json", algolink_server::fuzzing::oip_json),
+        ("oip_binary", algolink_server::fuzzing::oip_binary),
+        ("upload", algolink_server::fuzzing::upload),
+        ("config", algolink_server::fuzzing::config),
+    ];
+    for (target, run) in targets {
+        replay(target, run);
+    }
 }
