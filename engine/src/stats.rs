@@ -98,6 +98,8 @@ pub struct Stats {
     /// The fitted execution time `a + c·rows`: a and c, in ns.
     pub fit_base_ns: AtomicU64,
     pub fit_per_row_ns: AtomicU64,
+    /// Adaptive admission's correction: the p99 of recent actual over predicted latency, in millionths.
+    pub prediction_factor_ppm: AtomicU64,
     /// Each wait the batcher chose (for a fuller batch, or until the device frees up).
     pub planned_wait_seconds: Histogram,
     /// Dropped because the client went away before the device.
@@ -128,6 +130,7 @@ impl Default for Stats {
             shed: AtomicU64::new(0),
             fit_base_ns: AtomicU64::new(0),
             fit_per_row_ns: AtomicU64::new(0),
+            prediction_factor_ppm: AtomicU64::new(1_000_000),
             planned_wait_seconds: Histogram::new(&LATENCY_BUCKETS),
             cancelled: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),

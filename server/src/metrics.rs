@@ -94,6 +94,20 @@ pub fn render(st: &AppState, sees: &dyn Fn(&str) -> bool, server_wide: bool) -> 
     );
     series(
         &mut out,
+        "algolink_latency_prediction_ratio",
+        "gauge",
+        "Adaptive admission's correction: the 99th percentile of recent requests' actual latency \
+         over the latency predicted when they were admitted.",
+        &|out, l, s| {
+            let _ = writeln!(
+                out,
+                "algolink_latency_prediction_ratio{{{l}}} {}",
+                s.prediction_factor_ppm.load(Relaxed) as f64 / 1e6
+            );
+        },
+    );
+    series(
+        &mut out,
         "algolink_batch_wait_seconds",
         "histogram",
         "Each wait the batcher chose: for a fuller batch, or until the device frees up.",

@@ -17,6 +17,8 @@
 //! BentoML's dispatcher fits the same linear model; unlike it, the wait here is bounded by the
 //! objective for the oldest request, counts rows rather than requests, and refuses early only a
 //! request whose predicted completion is past its deadline (see [`Adaptive::predicted_finish`]).
+//! Admission multiplies that prediction by how late recent answers landed against theirs, at
+//! their 99th percentile ([`Calibration`]), so that the objective holds at p99 and not on average.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -99,11 +101,86 @@ impl ArrivalRate {
     }
 }
 
+/// What admission predicted for a request it let in: the latency from arrival to answer, before
+/// and after calibration, and the deadline it was held to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prediction {
+    pub latency: Duration,
+    pub calibrated: Duration,
+    pub deadline: Duration,
+}
+
+/// How late answers land against their predictions: a high quantile of actual / predicted latency
+/// over recent requests, which admission multiplies its predictions by. The prediction is a mean;
+/// admitting up to the deadline on it would let half the requests near the deadline finish past
+/// it, and on a saturated host the time around the device (parsing, waking the caller, threads
+/// waiting for a core) is as real as the time on it. Only requests whose calibrated prediction
+/// reached a quarter of their deadline count: shorter ones are never the ones admission refuses,
+/// and their ratios are dominated by fixed costs. (Calibrated, so that a high correction cannot
+/// starve itself of the requests that would bring it down.)
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    ratios: VecDeque<f64>,
+    /// Reused for the selection, so that a refresh does not allocate.
+    scratch: Vec<f64>,
+    factor: f64,
+    since_refresh: usize,
+}
+
+/// Requests the quantile is taken over: a batch's requests share their fate, so the window spans
+/// a few dozen batches (a couple of seconds at saturation), or the correction swings with each.
+const CALIBRATION_WINDOW: usize = 2048;
+/// The quantile admission aims at: the objective is held at p99.
+const CALIBRATION_QUANTILE: f64 = 0.99;
+/// The quantile is recomputed every this many requests (a selection over the window).
+const CALIBRATION_REFRESH: usize = 64;
+/// The correction stays within these bounds, whatever a burst of outliers says.
+const CALIBRATION_RANGE: (f64, f64) = (0.5, 4.0);
+
+impl Default for Calibration {
+    fn default() -> Calibration {
+        Calibration {
+            ratios: VecDeque::with_capacity(CALIBRATION_WINDOW),
+            scratch: Vec::with_capacity(CALIBRATION_WINDOW),
+            factor: 1.0,
+            since_refresh: 0,
+        }
+    }
+}
+
+impl Calibration {
+    pub fn observe(&mut self, predicted: Prediction, actual: Duration) {
+        if predicted.latency.is_zero() || predicted.calibrated * 4 < predicted.deadline {
+            return;
+        }
+        if self.ratios.len() == CALIBRATION_WINDOW {
+            self.ratios.pop_front();
+        }
+        self.ratios.push_back(actual.as_secs_f64() / predicted.latency.as_secs_f64());
+        self.since_refresh += 1;
+        // Early on every request refreshes it; then every CALIBRATION_REFRESH-th.
+        if self.since_refresh >= CALIBRATION_REFRESH || self.ratios.len() <= CALIBRATION_REFRESH {
+            self.since_refresh = 0;
+            self.scratch.clear();
+            self.scratch.extend(self.ratios.iter());
+            let k = ((self.scratch.len() - 1) as f64 * CALIBRATION_QUANTILE).round() as usize;
+            let (_, q, _) = self.scratch.select_nth_unstable_by(k, f64::total_cmp);
+            self.factor = q.clamp(CALIBRATION_RANGE.0, CALIBRATION_RANGE.1);
+        }
+    }
+
+    /// What admission multiplies its predictions by (1 before any request near its deadline).
+    pub fn factor(&self) -> f64 {
+        self.factor
+    }
+}
+
 /// What adaptive mode knows at a decision.
 #[derive(Clone, Debug, Default)]
 pub struct Adaptive {
     pub latency: LatencyModel,
     pub arrivals: ArrivalRate,
+    pub calibration: Calibration,
     /// When the batch on the device is predicted to finish (`None`: the device is idle).
     pub busy_until: Option<Instant>,
     /// Rows of the batch on the device (0 when idle).
@@ -245,6 +322,7 @@ mod tests {
         let state = |busy: Option<f64>, per_s: usize| Adaptive {
             latency: fitted(4.0, 0.5),
             arrivals: with_rate(per_s),
+            calibration: Calibration::default(),
             busy_until: busy.map(|b| t0 + ms(b)),
             running_rows: 0,
             handed_over_rows: 0,
@@ -298,5 +376,37 @@ mod tests {
         let want = t0 + ms(10.0 + 12.0 + 20.0 + 8.0);
         assert!(finish.max(want) - finish.min(want) < ms(0.01), "{:?}", finish - t0);
         assert_eq!(Adaptive::default().predicted_finish(t0, 0, 1, 32), None);
+    }
+
+    #[test]
+    fn calibration_aims_at_the_p99_of_requests_near_their_deadline() {
+        let p = |latency: f64| Prediction { latency: ms(latency), calibrated: ms(latency), deadline: ms(200.0) };
+        let mut c = Calibration::default();
+        assert_eq!(c.factor(), 1.0, "nothing measured: trust the model");
+        // 1 request in 10 lands 1.5x late, the others on time: the p99 is the late one.
+        for i in 0..CALIBRATION_WINDOW {
+            c.observe(p(100.0), ms(if i % 10 == 0 { 150.0 } else { 100.0 }));
+        }
+        assert!((c.factor() - 1.5).abs() < 1e-9, "{}", c.factor());
+        // Requests far from their deadline (predicted under a quarter of it) do not count.
+        for _ in 0..CALIBRATION_WINDOW {
+            c.observe(p(10.0), ms(40.0));
+        }
+        assert!((c.factor() - 1.5).abs() < 1e-9, "{}", c.factor());
+        // It follows a change within a window, and stays within its bounds.
+        for _ in 0..CALIBRATION_WINDOW {
+            c.observe(p(100.0), ms(80.0));
+        }
+        assert!((c.factor() - 0.8).abs() < 1e-9, "{}", c.factor());
+        for _ in 0..CALIBRATION_WINDOW {
+            c.observe(p(60.0), ms(1000.0));
+        }
+        assert_eq!(c.factor(), CALIBRATION_RANGE.1);
+        // Now only requests predicted under 50 ms get in; they count, calibrated, and bring it down.
+        let admitted = Prediction { latency: ms(20.0), calibrated: ms(80.0), deadline: ms(200.0) };
+        for _ in 0..CALIBRATION_WINDOW {
+            c.observe(admitted, ms(22.0));
+        }
+        assert!((c.factor() - 1.1).abs() < 1e-9, "{}", c.factor());
     }
 }

@@ -145,38 +145,47 @@ impl Scheduler {
             seq_len,
             payload: Pending { inputs, reply },
         };
-        {
+        let prediction = {
             let mut q = self.shared.queue.lock().expect("queue lock");
             if self.shared.batcher_gone.load(Ordering::Acquire) {
                 return Err(EngineError::Unavailable("this version's batcher has stopped".into()));
             }
-            if let Err((err, _)) = q.push(entry) {
-                return Err(match err {
-                    PushError::QueueFull => {
-                        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        // A batch's worth of time is a fair guess of when room frees up.
-                        let retry_after = Duration::from_secs_f64(self.stats.compute_seconds.mean().max(0.001))
-                            .max(Duration::from_secs(1));
-                        EngineError::QueueFull { queued: q.len(), retry_after }
-                    }
-                    PushError::TooManyRows { rows, max } => EngineError::InvalidInput(format!(
-                        "request has {rows} rows, more than the model's max_batch_size {max}"
-                    )),
-                    PushError::TooManyTokens { tokens, max } => EngineError::InvalidInput(format!(
-                        "request has {tokens} tokens (rows × longest sequence), more than the model's \
+            let prediction = q.push(entry).map_err(|(err, _)| match err {
+                PushError::QueueFull => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    // A batch's worth of time is a fair guess of when room frees up.
+                    let retry_after = Duration::from_secs_f64(self.stats.compute_seconds.mean().max(0.001))
+                        .max(Duration::from_secs(1));
+                    EngineError::QueueFull { queued: q.len(), retry_after }
+                }
+                PushError::TooManyRows { rows, max } => EngineError::InvalidInput(format!(
+                    "request has {rows} rows, more than the model's max_batch_size {max}"
+                )),
+                PushError::TooManyTokens { tokens, max } => EngineError::InvalidInput(format!(
+                    "request has {tokens} tokens (rows × longest sequence), more than the model's \
                          max_batch_tokens {max}"
-                    )),
-                    PushError::WouldMissDeadline { predicted, deadline } => {
-                        self.stats.shed.fetch_add(1, Ordering::Relaxed);
-                        let retry_after = predicted.saturating_sub(deadline).max(Duration::from_secs(1));
-                        EngineError::WouldMissDeadline { predicted, deadline, retry_after }
-                    }
-                });
-            }
+                )),
+                PushError::WouldMissDeadline { predicted, deadline } => {
+                    self.stats.shed.fetch_add(1, Ordering::Relaxed);
+                    let retry_after = predicted.saturating_sub(deadline).max(Duration::from_secs(1));
+                    EngineError::WouldMissDeadline { predicted, deadline, retry_after }
+                }
+            })?;
             self.stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
-        }
+            prediction
+        };
         self.shared.wake.notify_one();
-        rx.await.map_err(|_| EngineError::Unavailable("the scheduler stopped before answering".into()))?
+        let outputs =
+            rx.await.map_err(|_| EngineError::Unavailable("the scheduler stopped before answering".into()))?;
+        // Measured here, once the caller runs again, so that the wait for a thread to resume it
+        // counts: under overload that wait is part of what the client sees.
+        if let Some(prediction) = prediction {
+            let mut q = self.shared.queue.lock().expect("queue lock");
+            q.adaptive.calibration.observe(prediction, arrived.elapsed());
+            let ppm = (q.adaptive.calibration.factor() * 1e6) as u64;
+            self.stats.prediction_factor_ppm.store(ppm, Ordering::Relaxed);
+        }
+        outputs
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::adaptive::{Adaptive, Plan};
+use super::adaptive::{Adaptive, Plan, Prediction};
 
 /// Triton-compatible knobs of the dynamic batcher.
 #[derive(Clone, Debug, PartialEq)]
@@ -130,7 +130,9 @@ impl<T: Waiting> BatchQueue<T> {
         &self.config
     }
 
-    pub fn push(&mut self, entry: Entry<T>) -> Result<(), (PushError, Entry<T>)> {
+    /// Queues the entry, or says why not. In adaptive mode with something learnt, returns what was
+    /// predicted for it, for [`Calibration::observe`](super::adaptive::Calibration::observe) once it is answered.
+    pub fn push(&mut self, entry: Entry<T>) -> Result<Option<Prediction>, (PushError, Entry<T>)> {
         if entry.rows > self.config.max_batch_size {
             let max = self.config.max_batch_size;
             return Err((PushError::TooManyRows { rows: entry.rows, max }, entry));
@@ -144,20 +146,23 @@ impl<T: Waiting> BatchQueue<T> {
             return Err((PushError::QueueFull, entry));
         }
         self.adaptive.arrivals.observe(entry.enqueued, entry.rows);
+        let mut prediction = None;
         if let Some(slo) = self.config.latency_slo {
             let deadline = entry.deadline.map_or(slo, |d| d.saturating_duration_since(entry.enqueued).min(slo));
             let finish =
                 self.adaptive.predicted_finish(entry.enqueued, self.rows, entry.rows, self.config.max_batch_size);
-            if let Some(predicted) = finish.map(|f| f.saturating_duration_since(entry.enqueued))
-                && predicted > deadline
-            {
-                return Err((PushError::WouldMissDeadline { predicted, deadline }, entry));
+            if let Some(latency) = finish.map(|f| f.saturating_duration_since(entry.enqueued)) {
+                let predicted = latency.mul_f64(self.adaptive.calibration.factor());
+                if predicted > deadline {
+                    return Err((PushError::WouldMissDeadline { predicted, deadline }, entry));
+                }
+                prediction = Some(Prediction { latency, calibrated: predicted, deadline });
             }
         }
         self.seq += 1;
         self.rows += entry.rows;
         self.entries.insert((entry.priority, self.seq), entry);
-        Ok(())
+        Ok(prediction)
     }
 
     /// Decides what to do at `now`: drops expired and abandoned entries, then either takes a batch
@@ -513,14 +518,16 @@ mod tests {
             payload: P { name, gone: false },
         };
         // Nothing learnt: nothing is shed, and a lone request runs at once.
-        q.push(entry("lone", 0, None)).unwrap();
+        assert_eq!(q.push(entry("lone", 0, None)).unwrap(), None, "nothing to predict with");
         let next = q.next_batch(t0);
         assert_eq!((next.decision, next.batch.len()), (Decision::Run, 1));
         // t(b) = 10 ms + 1 ms/row; the device is busy for 20 ms more.
         q.adaptive.latency.observe(1, 0.011);
         q.adaptive.latency.observe(8, 0.018);
         q.adaptive.busy_until = Some(t0 + ms(20));
-        q.push(entry("a", 0, None)).unwrap(); // 20 + t(4) = 34 ms
+        // 20 + t(4) = 34 ms, returned for the caller to hold against the actual latency.
+        let a = q.push(entry("a", 0, None)).unwrap().unwrap();
+        assert!(a.latency.abs_diff(ms(34)) < Duration::from_micros(1) && a.deadline == ms(50), "{a:?}");
         // Behind a's 4 rows: 20 + t(8) = 38 ms; then 20 + t(8) + t(4) = 52 ms > 50.
         q.push(entry("b", 0, None)).unwrap();
         let late = q.push(entry("c", 0, None)).unwrap_err().0;
@@ -530,6 +537,12 @@ mod tests {
         q2.adaptive = q.adaptive.clone();
         q2.push(entry("x", 0, None)).unwrap();
         assert!(q2.push(entry("tight", 0, Some(30))).is_err());
+        // Answers that landed 1.5x later than predicted: a's 34 ms counts as 51 ms > 50, refused.
+        let mut q3 = BatchQueue::new(BatchConfig { latency_slo: Some(ms(50)), ..BatchConfig::default() }, false);
+        q3.adaptive = q.adaptive.clone();
+        q3.adaptive.calibration.observe(a, a.latency.mul_f64(1.5));
+        let late = q3.push(entry("a", 0, None)).unwrap_err().0;
+        assert!(matches!(late, PushError::WouldMissDeadline { predicted, .. } if predicted > ms(50)), "{late:?}");
         // While the device runs 8 rows, the next batch takes at most half the system's 16 rows.
         q.adaptive.running_rows = 8;
         let next = q.next_batch(t0 + ms(1));
