@@ -98,6 +98,14 @@ panels = [
         "short", 0, 48,
     ),
     panel("Auth denials", [(f"sum by (reason) (rate(algolink_auth_denied_total[{RATE}]))", "{{reason}}")], "reqps", 12, 48),
+    panel(
+        "Adaptive admission: latency correction",
+        [(f"algolink_latency_prediction_ratio{{{SEL}}}", "{{model}} v{{version}}")],
+        "short", 0, 56,
+        description="What admission multiplies its latency predictions by: the p99 of actual over predicted "
+        "latency of recent requests. Well above 1: the host is slower than the batch-time model says "
+        "(CPU contention), and requests are shed earlier.",
+    ),
 ]
 for i, p in enumerate(panels):
     p["id"] = i + 1
