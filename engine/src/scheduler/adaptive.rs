@@ -19,6 +19,8 @@
 //! request whose predicted completion is past its deadline (see [`Adaptive::predicted_finish`]).
 //! Admission multiplies that prediction by how late recent answers landed against theirs, at
 //! their 99th percentile ([`Calibration`]), so that the objective holds at p99 and not on average.
+//! A request let in that can no longer make it (the host slowed down) is refused by the queue at
+//! the next decision ([`BatchQueue::next_batch`](super::queue::BatchQueue::next_batch)).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -236,13 +238,20 @@ impl Adaptive {
         Plan::Wait(now + Duration::from_secs_f64(wait))
     }
 
-    /// When a request of `rows` would finish if queued now behind `queued_rows`: after the batch
-    /// on the device, in batches of at most `max_batch`. `None` before the first execution.
-    pub fn predicted_finish(&self, now: Instant, queued_rows: usize, rows: usize, max_batch: usize) -> Option<Instant> {
+    /// When the device is predicted to be free for a batch formed now: after the batch on it and
+    /// the one handed over. `None` before the first execution.
+    pub fn device_free_at(&self, now: Instant) -> Option<Instant> {
         let mut start = self.busy_until.filter(|&b| b > now).unwrap_or(now);
         if self.handed_over_rows > 0 {
             start += Duration::from_secs_f64(self.latency.predict(self.handed_over_rows)?);
         }
+        Some(start)
+    }
+
+    /// When a request of `rows` would finish if queued now behind `queued_rows`: after the batch
+    /// on the device, in batches of at most `max_batch`. `None` before the first execution.
+    pub fn predicted_finish(&self, now: Instant, queued_rows: usize, rows: usize, max_batch: usize) -> Option<Instant> {
+        let start = self.device_free_at(now)?;
         let ahead = queued_rows + rows;
         let full_batches = ahead / max_batch.max(1);
         let rest = ahead % max_batch.max(1);

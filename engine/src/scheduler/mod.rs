@@ -150,27 +150,7 @@ impl Scheduler {
             if self.shared.batcher_gone.load(Ordering::Acquire) {
                 return Err(EngineError::Unavailable("this version's batcher has stopped".into()));
             }
-            let prediction = q.push(entry).map_err(|(err, _)| match err {
-                PushError::QueueFull => {
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    // A batch's worth of time is a fair guess of when room frees up.
-                    let retry_after = Duration::from_secs_f64(self.stats.compute_seconds.mean().max(0.001))
-                        .max(Duration::from_secs(1));
-                    EngineError::QueueFull { queued: q.len(), retry_after }
-                }
-                PushError::TooManyRows { rows, max } => EngineError::InvalidInput(format!(
-                    "request has {rows} rows, more than the model's max_batch_size {max}"
-                )),
-                PushError::TooManyTokens { tokens, max } => EngineError::InvalidInput(format!(
-                    "request has {tokens} tokens (rows × longest sequence), more than the model's \
-                         max_batch_tokens {max}"
-                )),
-                PushError::WouldMissDeadline { predicted, deadline } => {
-                    self.stats.shed.fetch_add(1, Ordering::Relaxed);
-                    let retry_after = predicted.saturating_sub(deadline).max(Duration::from_secs(1));
-                    EngineError::WouldMissDeadline { predicted, deadline, retry_after }
-                }
-            })?;
+            let prediction = q.push(entry).map_err(|(err, _)| push_error(err, &self.stats, q.len()))?;
             self.stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
             prediction
         };
@@ -213,6 +193,31 @@ impl Drop for Scheduler {
     }
 }
 
+/// The error a request refused by the queue gets (`queued`: how many wait, for `QueueFull`),
+/// counted in the stats.
+fn push_error(err: PushError, stats: &Stats, queued: usize) -> EngineError {
+    match err {
+        PushError::QueueFull => {
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            // A batch's worth of time is a fair guess of when room frees up.
+            let retry_after =
+                Duration::from_secs_f64(stats.compute_seconds.mean().max(0.001)).max(Duration::from_secs(1));
+            EngineError::QueueFull { queued, retry_after }
+        }
+        PushError::TooManyRows { rows, max } => {
+            EngineError::InvalidInput(format!("request has {rows} rows, more than the model's max_batch_size {max}"))
+        }
+        PushError::TooManyTokens { tokens, max } => EngineError::InvalidInput(format!(
+            "request has {tokens} tokens (rows × longest sequence), more than the model's max_batch_tokens {max}"
+        )),
+        PushError::WouldMissDeadline { predicted, deadline } => {
+            stats.shed.fetch_add(1, Ordering::Relaxed);
+            let retry_after = predicted.saturating_sub(deadline).max(Duration::from_secs(1));
+            EngineError::WouldMissDeadline { predicted, deadline, retry_after }
+        }
+    }
+}
+
 fn shape_key(inputs: &[Tensor]) -> u64 {
     let mut h = DefaultHasher::new();
     for t in inputs {
@@ -241,6 +246,9 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
                 stats.expired.fetch_add(1, Ordering::Relaxed);
                 let waited = e.enqueued.elapsed();
                 let _ = e.payload.reply.send(Err(EngineError::DeadlineExceeded { waited }));
+            }
+            for (e, why) in next.late {
+                let _ = e.payload.reply.send(Err(push_error(why, &stats, 0)));
             }
             stats.cancelled.fetch_add(next.cancelled.len() as u64, Ordering::Relaxed);
             match next.decision {

@@ -71,13 +71,18 @@ pub enum Decision {
 }
 
 /// The result of one decision: the batch to run (empty unless `decision == Run`), and the entries
-/// dropped on the way because their deadline passed or their client left.
+/// dropped on the way because their deadline passed, their client left, or (adaptive mode) they
+/// can no longer finish within the objective.
 #[derive(Debug)]
 pub struct Next<T> {
     pub decision: Decision,
     pub batch: Vec<Entry<T>>,
     pub expired: Vec<Entry<T>>,
     pub cancelled: Vec<Entry<T>>,
+    /// Entries whose earliest possible finish is past their objective: admission's prediction
+    /// missed (the host slowed down after they were let in). Refused now rather than answered
+    /// late, as admission would have refused them; each with the (`WouldMissDeadline`) reason.
+    pub late: Vec<(Entry<T>, PushError)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -171,16 +176,48 @@ impl<T: Waiting> BatchQueue<T> {
     pub fn next_batch(&mut self, now: Instant) -> Next<T> {
         let mut expired = Vec::new();
         let mut cancelled = Vec::new();
-        let dead: Vec<(u32, u64)> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.payload.client_gone() || e.deadline.is_some_and(|d| d <= now))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in dead {
+        let mut late = Vec::new();
+        // Adaptive mode: the earliest an entry can finish is when the device is free plus the
+        // run of a batch holding at least the rows ahead of it (queue order) and itself; scaled
+        // down when admission's calibration says predictions run long, never up (a lower bound:
+        // only a request that is sure to be late is refused).
+        let earliest = match self.config.latency_slo {
+            // (Nothing learnt yet: no prediction to refuse on.)
+            Some(slo) if self.adaptive.latency.coefficients().is_some() => {
+                self.adaptive.device_free_at(now).map(|free| {
+                    let limit = self.adaptive.batch_limit(self.rows, self.config.max_batch_size);
+                    (slo, free - now, limit, self.adaptive.calibration.factor().min(1.0))
+                })
+            }
+            _ => None,
+        };
+        let mut ahead = 0;
+        let mut dead: Vec<((u32, u64), Option<PushError>)> = Vec::new();
+        for (k, e) in &self.entries {
+            if e.payload.client_gone() || e.deadline.is_some_and(|d| d <= now) {
+                dead.push((*k, None));
+                continue;
+            }
+            if let Some((slo, wait, limit, scale)) = earliest {
+                let objective = e.deadline.map_or(e.enqueued + slo, |d| d.min(e.enqueued + slo));
+                let run = self.adaptive.latency.predict((ahead + e.rows).min(limit)).unwrap_or(0.0);
+                let finish = now + (wait + Duration::from_secs_f64(run)).mul_f64(scale);
+                if finish > objective {
+                    let predicted = finish - e.enqueued;
+                    dead.push((*k, Some(PushError::WouldMissDeadline { predicted, deadline: objective - e.enqueued })));
+                    continue;
+                }
+            }
+            ahead += e.rows;
+        }
+        for (k, why) in dead {
             let e = self.entries.remove(&k).expect("key just listed");
             self.rows -= e.rows;
-            if e.payload.client_gone() { cancelled.push(e) } else { expired.push(e) }
+            match why {
+                Some(why) => late.push((e, why)),
+                None if e.payload.client_gone() => cancelled.push(e),
+                None => expired.push(e),
+            }
         }
 
         // The candidate batch: entries in priority order that fit, sharing the first one's shape
@@ -210,7 +247,7 @@ impl<T: Waiting> BatchQueue<T> {
             oldest = Some(oldest.map_or(e.enqueued, |o| o.min(e.enqueued)));
         }
         let Some(oldest) = oldest else {
-            return Next { decision: Decision::Idle, batch: Vec::new(), expired, cancelled };
+            return Next { decision: Decision::Idle, batch: Vec::new(), expired, cancelled, late };
         };
         let due = match self.config.latency_slo {
             Some(slo) => match self.adaptive.plan(now, rows, oldest, limit, slo) {
@@ -225,11 +262,11 @@ impl<T: Waiting> BatchQueue<T> {
         if !run {
             // Wake up for the batch delay, or earlier when a queued deadline falls before it.
             let wake = self.entries.values().filter_map(|e| e.deadline).fold(due, Instant::min);
-            return Next { decision: Decision::WaitUntil(wake), batch: Vec::new(), expired, cancelled };
+            return Next { decision: Decision::WaitUntil(wake), batch: Vec::new(), expired, cancelled, late };
         }
         let batch: Vec<Entry<T>> = keys.iter().map(|k| self.entries.remove(k).expect("key just listed")).collect();
         self.rows -= rows;
-        Next { decision: Decision::Run, batch, expired, cancelled }
+        Next { decision: Decision::Run, batch, expired, cancelled, late }
     }
 
     /// Removes every entry (at shutdown).
@@ -305,6 +342,7 @@ mod tests {
         assert_eq!(names(&next.batch), case.batch, "{}: batch", case.what);
         assert_eq!(names(&next.expired), case.expired, "{}: expired", case.what);
         assert_eq!(names(&next.cancelled), case.cancelled, "{}: cancelled", case.what);
+        assert!(next.late.is_empty(), "{}: static mode refuses nothing as late", case.what);
         match (case.wait_until_ms, &next.decision) {
             (Some(w), Decision::WaitUntil(t)) => assert_eq!(*t, t0 + ms(w), "{}: wait", case.what),
             (None, Decision::WaitUntil(_)) => panic!("{}: waits, should not", case.what),
@@ -517,10 +555,10 @@ mod tests {
             seq_len: 1,
             payload: P { name, gone: false },
         };
-        // Nothing learnt: nothing is shed, and a lone request runs at once.
+        // Nothing learnt: nothing is shed, even past the objective, and a lone request runs at once.
         assert_eq!(q.push(entry("lone", 0, None)).unwrap(), None, "nothing to predict with");
-        let next = q.next_batch(t0);
-        assert_eq!((next.decision, next.batch.len()), (Decision::Run, 1));
+        let next = q.next_batch(t0 + ms(60));
+        assert_eq!((next.decision, next.batch.len(), next.late.len()), (Decision::Run, 1, 0));
         // t(b) = 10 ms + 1 ms/row; the device is busy for 20 ms more.
         q.adaptive.latency.observe(1, 0.011);
         q.adaptive.latency.observe(8, 0.018);
@@ -548,11 +586,42 @@ mod tests {
         let next = q.next_batch(t0 + ms(1));
         assert_eq!((next.decision, next.batch.len()), (Decision::Run, 2), "8 of 16 rows: formed now, handed over next");
         // Idle, light load: a partial batch runs at once.
-        q.push(entry("d", 1, None)).unwrap();
+        q.next_batch(t0 + ms(2));
         q.adaptive.busy_until = None;
         q.adaptive.running_rows = 0;
+        q.push(entry("d", 195, None)).unwrap();
         let next = q.next_batch(t0 + ms(200));
         assert_eq!((next.decision, next.batch.len()), (Decision::Run, 1), "idle, light load: run");
+        assert!(next.late.is_empty());
+
+        // Let in at 230 ms on an idle device (finish 244 ms, objective 280 ms); then a batch of 8
+        // rows starts, predicted to run until 270 ms: at 250 ms neither can finish before
+        // 270 + t(4) = 284 ms. Refused now, not answered late.
+        q.push(entry("e", 230, None)).unwrap();
+        q.push(entry("f", 230, Some(400))).unwrap();
+        let mut q4 = BatchQueue::new(BatchConfig { latency_slo: Some(ms(50)), ..BatchConfig::default() }, false);
+        q4.adaptive = q.adaptive.clone();
+        q4.push(entry("e", 230, None)).unwrap();
+        for q in [&mut q.adaptive, &mut q4.adaptive] {
+            q.busy_until = Some(t0 + ms(270));
+            q.running_rows = 8;
+        }
+        let next = q.next_batch(t0 + ms(250));
+        assert!(next.batch.is_empty() && next.late.len() == 2, "{:?}", next.late);
+        for (e, why) in &next.late {
+            // From arrival at 230 ms: predicted 54 ms against 50.
+            let PushError::WouldMissDeadline { predicted, deadline } = why else { panic!("{why:?}") };
+            assert!(predicted.abs_diff(ms(54)) < Duration::from_micros(1), "{}: {why:?}", e.payload.name);
+            assert_eq!(*deadline, ms(50));
+        }
+        // When answers land earlier than predicted (here 0.8x), the same bound scales down:
+        // 250 + 0.8 × (20 + 14) = 277.2 ms, within the objective: e runs.
+        let p = Prediction { latency: ms(40), calibrated: ms(40), deadline: ms(50) };
+        for _ in 0..100 {
+            q4.adaptive.calibration.observe(p, ms(32));
+        }
+        let next = q4.next_batch(t0 + ms(250));
+        assert!(next.late.is_empty() && next.batch.len() == 1, "{:?}", next.late);
     }
 
     #[test]
