@@ -34,13 +34,9 @@ pub struct TrafficStats {
     last_request_ms: AtomicU64,
 }
 
-/// Counters at one moment; two marks make a window.
-#[derive(Clone, Debug, Default)]
-pub struct Mark {
-    requests: u64,
-    errors: u64,
-    latency: LatencySnapshot,
-}
+/// Counters at one moment (this replica's, or summed over replicas, as they share them); two
+/// marks make a window ([`TrafficTotals::since`]).
+pub type Mark = TrafficTotals;
 
 impl TrafficStats {
     pub fn record(&self, elapsed: Duration, server_error: bool) {
@@ -53,47 +49,16 @@ impl TrafficStats {
     }
 
     pub fn mark(&self) -> Mark {
-        Mark {
+        TrafficTotals {
             requests: self.requests.load(Relaxed),
             errors: self.errors.load(Relaxed),
             latency: self.latency.snapshot(),
+            last_request_ms: self.last_request_ms(),
         }
     }
 
     pub fn last_request_ms(&self) -> Option<u64> {
         Some(self.last_request_ms.load(Relaxed)).filter(|&t| t > 0)
-    }
-
-    /// The counters as replicas share them.
-    pub fn totals(&self) -> TrafficTotals {
-        let m = self.mark();
-        TrafficTotals {
-            requests: m.requests,
-            errors: m.errors,
-            latency: m.latency,
-            last_request_ms: self.last_request_ms(),
-        }
-    }
-}
-
-impl Mark {
-    /// This mark with other replicas' counters added.
-    pub fn plus(mut self, elsewhere: &TrafficTotals) -> Mark {
-        self.requests += elsewhere.requests;
-        self.errors += elsewhere.errors;
-        self.latency.add(&elsewhere.latency);
-        self
-    }
-
-    /// What happened between `earlier` and this mark.
-    pub fn since(&self, earlier: &Mark) -> (Window, LatencySnapshot) {
-        let latency = self.latency.since(&earlier.latency);
-        let window = Window {
-            requests: self.requests.saturating_sub(earlier.requests),
-            errors: self.errors.saturating_sub(earlier.errors),
-            p99_s: latency.quantile(0.99),
-        };
-        (window, latency)
     }
 }
 

@@ -182,13 +182,17 @@ impl AppState {
         let elsewhere = self.elsewhere.read().expect("elsewhere lock").get(&key).cloned();
         match (local, elsewhere) {
             (None, None) => None,
-            (local, elsewhere) => Some(local.unwrap_or_default().plus(&elsewhere.unwrap_or_default())),
+            (local, elsewhere) => {
+                let mut mark = local.unwrap_or_default();
+                mark.add(&elsewhere.unwrap_or_default());
+                Some(mark)
+            }
         }
     }
 
     /// This replica's traffic counters per (model, version), as replicas share them.
     pub(crate) fn traffic_totals(&self) -> Vec<((String, u64), TrafficTotals)> {
-        self.traffic.lock().expect("traffic lock").iter().map(|(k, t)| (k.clone(), t.totals())).collect()
+        self.traffic.lock().expect("traffic lock").iter().map(|(k, t)| (k.clone(), t.mark())).collect()
     }
 
     pub(crate) fn set_elsewhere(&self, totals: BTreeMap<(String, u64), TrafficTotals>) {

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::{Deserialize, Serialize};
 
+use super::rollout::Window;
+
 /// Count, sum and sum of squares of an outcome (a 0/1 conversion or a numeric reward).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Moments {
@@ -329,6 +331,18 @@ impl TrafficTotals {
         self.latency.add(&other.latency);
         self.last_request_ms = self.last_request_ms.max(other.last_request_ms);
     }
+
+    /// What happened between `earlier` and these totals: the window the gates judge, and its
+    /// latency histogram.
+    pub fn since(&self, earlier: &TrafficTotals) -> (Window, LatencySnapshot) {
+        let latency = self.latency.since(&earlier.latency);
+        let window = Window {
+            requests: self.requests.saturating_sub(earlier.requests),
+            errors: self.errors.saturating_sub(earlier.errors),
+            p99_s: latency.quantile(0.99),
+        };
+        (window, latency)
+    }
 }
 
 #[cfg(test)]
@@ -353,6 +367,31 @@ mod tests {
         for bad in ["x", "1:", "9999:1", "1:2:3", "-1:4"] {
             assert_eq!(LatencySnapshot::decode(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn traffic_windows_count_what_happened_between_two_marks_over_every_replica() {
+        let (here, there) = (LatencyHistogram::default(), LatencyHistogram::default());
+        let totals = |requests, errors, h: &LatencyHistogram| TrafficTotals {
+            requests,
+            errors,
+            latency: h.snapshot(),
+            last_request_ms: None,
+        };
+        here.record(0.001);
+        let mut start = totals(1, 0, &here);
+        start.add(&totals(0, 0, &there));
+        for _ in 0..98 {
+            here.record(0.002);
+        }
+        there.record(0.5);
+        there.record(0.5);
+        let mut now = totals(99, 1, &here);
+        now.add(&totals(2, 2, &there));
+        let (window, latency) = now.since(&start);
+        assert_eq!((window.requests, window.errors), (100, 3));
+        assert!(latency.quantile(0.5).unwrap() < 0.003, "{latency:?}");
+        assert!(window.p99_s.unwrap() > 0.4, "the other replica's slow answers count: {window:?}");
     }
 
     fn bernoulli(n: u64, successes: u64) -> Moments {
