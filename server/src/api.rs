@@ -20,9 +20,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use algolink_registry::access::{Role, namespace_of};
+use algolink_registry::lifecycle::rollout::{GateResult, check_gates};
 
 use crate::auth::{Access, Caller};
 use crate::error::ApiError;
+use crate::lifecycle::now_ms;
 use crate::oip;
 use crate::state::{AppState, Servable};
 
@@ -732,7 +734,23 @@ async fn delete_route(State(st): St, Path(name): Path<String>) -> Result<axum::J
 async fn get_rollout(State(st): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
     st.registry.model(&name).await?;
     let policy = st.registry.policy(&name).await?;
-    Ok(axum::Json(json!({ "model": name, "rollout": policy.active_rollout, "policy": policy.rollout })))
+    let mut out = json!({ "model": name, "rollout": policy.active_rollout, "policy": policy.rollout });
+    // Progress of the current step, so that a canary that does not move says why.
+    if let Some(r) = &policy.active_rollout
+        && let Some((canary, control, mut windows)) = st.rollout_windows(&name, r)
+    {
+        windows["gates"] = json!(match check_gates(&r.policy.gates, &canary, &control) {
+            GateResult::Pass => "pass".to_string(),
+            GateResult::NotEnoughData => format!(
+                "waiting for data: {} of the {} canary requests a step needs",
+                canary.requests, r.policy.gates.min_requests
+            ),
+            GateResult::Fail(why) => format!("failing: {why}"),
+        });
+        windows["step_elapsed_s"] = json!(now_ms().saturating_sub(r.step_started_ms) as f64 / 1e3);
+        out["step"] = windows;
+    }
+    Ok(axum::Json(out))
 }
 
 async fn start_rollout(State(st): St, Path(name): Path<String>, body: Bytes) -> Result<axum::Json<Value>, ApiError> {

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use algolink_registry::lifecycle::retire::retirements;
 use algolink_registry::lifecycle::rollout::Rollout;
-use algolink_registry::lifecycle::rollout::{self, Action, GateResult, Gates, RolloutPolicy, check_gates};
+use algolink_registry::lifecycle::rollout::{self, Action, GateResult, Gates, RolloutPolicy, Window, check_gates};
 use algolink_registry::lifecycle::route::{RouteSpec, Strategy, Target};
-use algolink_registry::lifecycle::stats::{Comparison, Verdict};
+use algolink_registry::lifecycle::stats::{Comparison, LatencySnapshot, Verdict};
 use algolink_registry::lifecycle::{Experiment, ExperimentSpec, ExperimentState, ModelPolicy};
 use algolink_registry::{ModelRecord, VersionState};
 use serde::Deserialize;
@@ -727,18 +727,11 @@ impl AppState {
                 return self.finish_rollout(name, Some(r.canary), false, &why, Value::Null).await.map(|_| ());
             }
         }
-        let marks = self.rollout_marks.lock().expect("marks lock").get(name).cloned();
-        let Some((canary_mark, control_mark)) = marks else {
-            // After a restart: the current step's window starts now.
+        let Some((canary, control, windows)) = self.rollout_windows(name, r) else {
+            // After a restart (or on becoming the leader): the current step's window starts now.
             self.mark_rollout_step(name, r);
             return Ok(());
         };
-        let (canary, canary_latency) = self.merged_mark(name, r.canary).since(&canary_mark);
-        let (control, control_latency) = self.merged_mark(name, r.control).since(&control_mark);
-        let windows = json!({
-            "canary": { "version": r.canary, "requests": canary.requests, "errors": canary.errors, "latency_ms": crate::lifecycle::percentiles_ms(&canary_latency) },
-            "control": { "version": r.control, "requests": control.requests, "errors": control.errors, "latency_ms": crate::lifecycle::percentiles_ms(&control_latency) },
-        });
         match rollout::decide(r, &canary, &control, outcome, now_ms()) {
             Action::Hold => Ok(()),
             Action::Raise(weight) => {
@@ -769,6 +762,23 @@ impl AppState {
             }
             Action::Rollback(why) => self.finish_rollout(name, Some(r.canary), false, &why, windows).await.map(|_| ()),
         }
+    }
+
+    /// What the canary and the control did in the current step (traffic summed over replicas),
+    /// as the gates judge it, and as JSON; `None` until this replica marked the step's start.
+    pub(crate) fn rollout_windows(&self, name: &str, r: &Rollout) -> Option<(Window, Window, Value)> {
+        let (canary_mark, control_mark) = self.rollout_marks.lock().expect("marks lock").get(name).cloned()?;
+        let (canary, canary_latency) = self.merged_mark(name, r.canary).since(&canary_mark);
+        let (control, control_latency) = self.merged_mark(name, r.control).since(&control_mark);
+        let side = |version: u64, w: &Window, latency: &LatencySnapshot| {
+            let latency_ms = crate::lifecycle::percentiles_ms(latency);
+            json!({ "version": version, "requests": w.requests, "errors": w.errors, "latency_ms": latency_ms })
+        };
+        let json = json!({
+            "canary": side(r.canary, &canary, &canary_latency),
+            "control": side(r.control, &control, &control_latency),
+        });
+        Some((canary, control, json))
     }
 
     async fn retire(&self, name: &str, version: u64, why: &str) -> Result<(), ApiError> {

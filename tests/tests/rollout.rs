@@ -43,7 +43,8 @@ async fn event(server: &TestServer, kind: &str, nth: usize) -> Value {
             let log = server.ok("GET", "/v1/events?model=m", None).await;
             let lines: Vec<&str> =
                 log.as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap_or("")).collect();
-            panic!("no {kind} event #{nth} in 30 s; the log:\n{}", lines.join("\n"));
+            let rollout = server.ok("GET", "/v1/models/m/rollout", None).await;
+            panic!("no {kind} event #{nth} in 30 s; the log:\n{}\nthe rollout now: {rollout:#}", lines.join("\n"));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -71,6 +72,11 @@ async fn healthy_canary_is_promoted_slow_and_failing_ones_rolled_back_without_a_
     // A healthy canary (the same fast model) climbs 25% → 50%, then is promoted.
     let started = Instant::now();
     server.push("m", "canary_fast.onnx").await;
+    // (Promotion takes two steps of 0.5 s: the rollout is still at its first.)
+    let status = server.ok("GET", "/v1/models/m/rollout", None).await;
+    assert_eq!(status["step"]["canary"]["version"], 2, "{status}");
+    assert_eq!(status["step"]["control"]["version"], 1, "{status}");
+    assert!(status["step"]["gates"].is_string() && status["step"]["step_elapsed_s"].is_number(), "{status}");
     let promoted = event(&server, "promoted", 0).await;
     println!("healthy canary promoted after {:?}: {}", started.elapsed(), promoted["message"]);
     assert_eq!(promoted["version"], 2);
