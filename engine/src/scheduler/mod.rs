@@ -159,7 +159,10 @@ impl Scheduler {
             rx.await.map_err(|_| EngineError::Unavailable("the scheduler stopped before answering".into()))?;
         // Measured here, once the caller runs again, so that the wait for a thread to resume it
         // counts: under overload that wait is part of what the client sees.
-        if let Some(prediction) = prediction {
+        // (Not a request the queue refused as late: its finish is only the corrected prediction,
+        // and counting that would feed the correction back into itself.)
+        if let Some(prediction) = prediction.filter(|_| !matches!(outputs, Err(EngineError::WouldMissDeadline { .. })))
+        {
             let mut q = self.shared.queue.lock().expect("queue lock");
             q.adaptive.calibration.observe(prediction, arrived.elapsed());
             let ppm = (q.adaptive.calibration.factor() * 1e6) as u64;
