@@ -79,9 +79,10 @@ pub struct Next<T> {
     pub batch: Vec<Entry<T>>,
     pub expired: Vec<Entry<T>>,
     pub cancelled: Vec<Entry<T>>,
-    /// Entries whose earliest possible finish is past their objective: admission's prediction
-    /// missed (the host slowed down after they were let in). Refused now rather than answered
-    /// late, as admission would have refused them; each with the (`WouldMissDeadline`) reason.
+    /// Entries that would finish past their objective even in the next batch (on the mean
+    /// prediction): admission's prediction missed (the host slowed down after they were let in).
+    /// Refused now rather than answered late, as admission would have refused them; each with
+    /// the (`WouldMissDeadline`) reason.
     pub late: Vec<(Entry<T>, PushError)>,
 }
 
@@ -177,7 +178,7 @@ impl<T: Waiting> BatchQueue<T> {
         let mut expired = Vec::new();
         let mut cancelled = Vec::new();
         let mut late = Vec::new();
-        // Adaptive mode: the earliest a queued entry can finish is when the device is free plus
+        // Adaptive mode: the soonest a queued entry can finish is when the device is free plus
         // the run of the next batch, which takes what is queued up to the batch limit; scaled
         // down when admission's correction says predictions run long, never up: only a request
         // late even on the mean prediction is refused (refusing on the p99 correction as
