@@ -40,12 +40,20 @@ pub struct LoadOptions {
     pub device: Device,
     /// One batch of each of these sizes runs before the model is reported ready.
     pub warmup_batch_sizes: Vec<usize>,
+    /// The largest batch the scheduler will form: what the model builds per batch size (tract's
+    /// concrete plans) is built up to it at load.
+    pub max_batch_size: usize,
     pub onnx_backend: OnnxBackend,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, warmup_batch_sizes: vec![1], onnx_backend: OnnxBackend::Tract }
+        LoadOptions {
+            device: Device::Cpu,
+            warmup_batch_sizes: vec![1],
+            max_batch_size: 64,
+            onnx_backend: OnnxBackend::Tract,
+        }
     }
 }
 
@@ -115,6 +123,7 @@ fn load_unguarded(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
         }
         None => model,
     };
+    model.prepare(options.max_batch_size);
     warm_up(model.as_ref(), &options.warmup_batch_sizes)?;
     Ok(model)
 }
@@ -155,7 +164,6 @@ pub fn zero_inputs(signature: &Signature, batch: usize) -> Result<Vec<Tensor>, E
 
 /// Runs one batch of zeros of each size through the model.
 pub fn warm_up(model: &dyn Model, batch_sizes: &[usize]) -> Result<(), EngineError> {
-    model.prepare(batch_sizes);
     for &n in batch_sizes {
         let inputs = model.preprocess(zero_inputs(model.signature(), n)?)?;
         let outputs =

@@ -83,9 +83,9 @@ impl Signature {
 /// every output in signature order, each with the batch's rows along dim 0.
 pub trait Model: Send + Sync {
     fn signature(&self) -> &Signature;
-    /// Readies whatever the model builds per batch size (tract's concrete plans) for these sizes,
-    /// before they are served; sizes met later are readied in the background.
-    fn prepare(&self, _batch_sizes: &[usize]) {}
+    /// Builds whatever the model builds per batch size (tract's concrete plans) for batches of up
+    /// to `max_batch_size` rows, once, before the version takes traffic; nothing is built later.
+    fn prepare(&self, _max_batch_size: usize) {}
     /// Turns one request's inputs into what `run` takes (a tokenizer turns strings into token
     /// ids); the identity for most models. Never runs on the executor.
     fn preprocess(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {

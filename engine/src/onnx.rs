@@ -23,75 +23,153 @@ pub struct OnnxModel {
     /// The plan's run state, reused from batch to batch (one executor runs a model at a time, so
     /// the lock is uncontended; it saves re-allocating the state on every batch).
     state: std::sync::Mutex<TypedSimpleState>,
-    per_batch: Option<std::sync::Arc<PerBatchPlans>>,
+    per_batch: Option<PerBatchPlans>,
     input_dts: Vec<DatumType>,
 }
 
-/// Concrete-shape plans per batch size: built at warm-up for the warm-up sizes, and in the
-/// background (one at a time) for a size first met while serving, which the symbolic plan serves
-/// meanwhile (building one takes tens of milliseconds: the batch that meets a new size must not
-/// pay for it). Each plan holds its own packed weights, so their number is bounded by
-/// [`PLAN_MEMORY_BUDGET`] over the model's size.
+/// Concrete-shape plans for a ladder of batch sizes from 1 to the largest batch the scheduler
+/// forms, all built by [`Model::prepare`] before the version takes traffic: nothing is built
+/// later, so a version's memory is fixed once it serves (plans built on first use made RSS climb
+/// for minutes under varied batch sizes). A batch runs on the smallest plan at least its size,
+/// padded with zero rows (each step of the ladder is at most a third above the one below, so
+/// padding is under a quarter of the batch), and on the symbolic plan when there is none. Each
+/// plan packs its own weights: the ladder is thinned to fit [`PLAN_MEMORY_BUDGET`], measured
+/// on the first plan built.
 struct PerBatchPlans {
-    /// The parsed model with symbolic batch inputs, re-typed for each batch size.
-    template: InferenceModel,
-    plans: std::sync::Mutex<std::collections::HashMap<usize, Slot>>,
-    max_plans: usize,
+    /// The parsed model with symbolic batch inputs, re-typed for each batch size; taken (and
+    /// freed) by `prepare`.
+    template: std::sync::Mutex<Option<InferenceModel>>,
+    /// Ascending batch sizes, each with its plan's run state; set once by `prepare`.
+    plans: std::sync::OnceLock<Vec<(usize, std::sync::Mutex<TypedSimpleState>)>>,
+    /// Whether every output has the batch's rows along dim 0, so padded rows can be cut off;
+    /// when not, a plan serves only batches of exactly its size.
+    paddable: std::sync::atomic::AtomicBool,
 }
 
-enum Slot {
-    Building,
-    Ready(TypedSimpleState),
-    /// The concrete plan failed to build: the symbolic plan serves this size.
-    Failed,
-}
-
+/// What the concrete plans of one model may hold in packed weights, all sizes together.
 const PLAN_MEMORY_BUDGET: usize = 256 << 20;
 
+/// At most this many concrete plans per model (each costs tens of milliseconds to build at load).
+const MAX_PLANS: usize = 24;
+
 impl PerBatchPlans {
-    fn build(&self, batch: usize) -> Slot {
-        self.plan_for(batch).map_or(Slot::Failed, Slot::Ready)
-    }
-
-    /// Builds the plan for `batch` now, unless there is one or the budget is spent.
-    fn prepare(&self, batch: usize) {
-        let known = self.plans.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&batch);
-        if !known && self.plans.lock().unwrap_or_else(|p| p.into_inner()).len() < self.max_plans {
-            let slot = self.build(batch);
-            self.plans.lock().unwrap_or_else(|p| p.into_inner()).insert(batch, slot);
+    fn new(template: InferenceModel) -> PerBatchPlans {
+        PerBatchPlans {
+            template: std::sync::Mutex::new(Some(template)),
+            plans: std::sync::OnceLock::new(),
+            paddable: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Starts building the plan for `batch` on a thread of its own, unless there is one, one is
-    /// being built, or the budget is spent.
-    fn request(self: &std::sync::Arc<Self>, batch: usize) {
-        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        if plans.contains_key(&batch)
-            || plans.len() >= self.max_plans
-            || plans.values().any(|s| matches!(s, Slot::Building))
-        {
-            return;
+    /// Builds the ladder of plans up to `largest`, once. A plan that fails to build is left out
+    /// (the symbolic plan serves its sizes).
+    fn prepare(&self, largest: usize) {
+        let Some(template) = self.template.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        let largest = largest.max(1);
+        let mut plans = Vec::new();
+        // The largest first: its size in memory says how many plans fit the budget.
+        if let Ok(top) = plan_for(&template, largest) {
+            let bytes = plan_bytes(&top).max(1);
+            let paddable = (0..top.output_outlets().map_or(0, |o| o.len()))
+                .all(|i| top.output_fact(i).is_ok_and(|f| f.shape.rank() > 0 && f.shape[0] == largest.to_dim()));
+            self.paddable.store(paddable, std::sync::atomic::Ordering::Relaxed);
+            let fits = (PLAN_MEMORY_BUDGET / bytes).min(MAX_PLANS);
+            if fits > 0 {
+                let sizes = ladder(largest, fits);
+                for &size in &sizes[..sizes.len() - 1] {
+                    if let Ok(plan) = plan_for(&template, size).and_then(spawn) {
+                        plans.push((size, std::sync::Mutex::new(plan)));
+                    }
+                }
+                if let Ok(plan) = spawn(top) {
+                    plans.push((largest, std::sync::Mutex::new(plan)));
+                }
+            }
         }
-        plans.insert(batch, Slot::Building);
-        let me = self.clone();
-        let spawned = std::thread::Builder::new().name("algolink-plan".into()).spawn(move || {
-            let slot = me.build(batch);
-            me.plans.lock().unwrap_or_else(|p| p.into_inner()).insert(batch, slot);
-        });
-        if spawned.is_err() {
-            plans.insert(batch, Slot::Failed);
-        }
+        let _ = self.plans.set(plans);
     }
 
-    fn plan_for(&self, batch: usize) -> TractResult<TypedSimpleState> {
-        let mut model = self.template.clone();
-        for i in 0..model.inputs.len() {
-            let mut fact = model.input_fact(i)?.clone();
-            fact.shape.set_dim(0, batch.to_dim());
-            model.set_input_fact(i, fact)?;
-        }
-        optimise(model)?.into_runnable()?.spawn()
+    /// The plan that serves a batch of `rows`: the smallest at least as large, if padding to it
+    /// adds under a third of the rows (a size the ladder was thinned around runs symbolic).
+    fn for_rows(&self, rows: usize) -> Option<(usize, &std::sync::Mutex<TypedSimpleState>)> {
+        let (size, state) = self.plans.get()?.iter().find(|(size, _)| *size >= rows)?;
+        let paddable = self.paddable.load(std::sync::atomic::Ordering::Relaxed);
+        (*size == rows || (paddable && 3 * *size < 4 * rows)).then_some((*size, state))
     }
+}
+
+/// `count` batch sizes from 1 to `largest` (included), spaced evenly on a log scale, no step
+/// more than a third above the one below when `count` allows it.
+fn ladder(largest: usize, count: usize) -> Vec<usize> {
+    let mut sizes = vec![1];
+    let mut ratio = 4.0 / 3.0_f64;
+    // The natural ladder, if it fits; else a wider ratio that reaches `largest` in `count` steps.
+    loop {
+        sizes.truncate(1);
+        while let Some(&last) = sizes.last().filter(|&&s| s < largest) {
+            sizes.push(((last as f64 * ratio).floor() as usize).max(last + 1).min(largest));
+        }
+        if sizes.len() <= count.max(2) || count < 2 {
+            break;
+        }
+        ratio *= 1.1;
+    }
+    if count < 2 {
+        return vec![largest];
+    }
+    sizes
+}
+
+/// The model re-typed for a concrete batch size and optimised.
+fn plan_for(template: &InferenceModel, batch: usize) -> TractResult<TypedModel> {
+    let mut model = template.clone();
+    for i in 0..model.inputs.len() {
+        let mut fact = model.input_fact(i)?.clone();
+        fact.shape.set_dim(0, batch.to_dim());
+        model.set_input_fact(i, fact)?;
+    }
+    optimise(model)
+}
+
+fn spawn(model: TypedModel) -> TractResult<TypedSimpleState> {
+    model.into_runnable()?.spawn()
+}
+
+/// Bytes of the constants an optimised model holds: constant tensors (folded weights) and the
+/// packed weights that matrix products embed, each buffer counted once (layers that share a
+/// weight share its packed copy).
+fn plan_bytes(model: &TypedModel) -> usize {
+    use tract_onnx::tract_core::internal::{DimLike, ExoticFact};
+    use tract_onnx::tract_core::ops::konst::Const;
+    use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+    let exotic = |f: &dyn ExoticFact| f.mem_size().to_usize().unwrap_or(0);
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for node in &model.nodes {
+        if let Some(c) = node.op_as::<Const>() {
+            if seen.insert(Arc::as_ptr(c.val()) as usize) {
+                bytes += match c.exotic_fact() {
+                    Some(f) => exotic(f),
+                    None => c.val().len() * c.val().datum_type().size_of(),
+                };
+            }
+        } else if let Some(mm) = node.op_as::<OptMatMul>() {
+            for spec in &mm.micro_ops {
+                let ProtoFusedSpec::AddMatMul { a, b, .. } = spec else { continue };
+                for operand in [a, b] {
+                    // Packed ahead (no scratch buffer needed): the first panel's address names the buffer.
+                    if let MatMulOperand::Const(value) = operand
+                        && value.scratch_panel_buffer_layout().is_none()
+                        && let Ok(panel) = value.panel_bytes(0, None)
+                        && seen.insert(panel as usize)
+                    {
+                        bytes += exotic(value.exotic_fact());
+                    }
+                }
+            }
+        }
+    }
+    bytes
 }
 
 /// Types and optimises a parsed model. Integer outputs computed from shapes (class labels) come
@@ -210,10 +288,7 @@ impl OnnxModel {
         let input_dts = input_specs.iter().map(|s| datum_of(s.datatype)).collect::<Result<_, _>>()?;
         let plan: Plan = typed.into_runnable().map_err(|e| classify(&e))?;
         let state = std::sync::Mutex::new(plan.spawn().map_err(|e| classify(&e))?);
-        let max_plans = (PLAN_MEMORY_BUDGET / bytes.len().max(1)).min(64);
-        let per_batch = template
-            .filter(|_| max_plans > 0)
-            .map(|template| std::sync::Arc::new(PerBatchPlans { template, plans: Default::default(), max_plans }));
+        let per_batch = template.map(PerBatchPlans::new);
         let pad_to_longest = paddable(&input_specs, &output_specs);
         Ok(OnnxModel {
             per_batch,
@@ -245,40 +320,30 @@ impl Model for OnnxModel {
         &self.signature
     }
 
-    fn prepare(&self, batch_sizes: &[usize]) {
+    fn prepare(&self, max_batch_size: usize) {
         if let Some(per_batch) = &self.per_batch {
-            for &b in batch_sizes {
-                per_batch.prepare(b);
-            }
+            per_batch.prepare(max_batch_size);
         }
     }
 
     fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
-        let mut values: TVec<TValue> = tvec![];
-        for (t, &dt) in inputs.iter().zip(&self.input_dts) {
-            values.push(to_tract(t, dt)?.into_tvalue());
-        }
         let exec = |e: TractError| EngineError::Execution(format!("{e:#}"));
+        let rows = inputs.first().map_or(1, HostTensor::rows);
         // The locks below ignore poisoning: a batch that panicked leaves nothing behind that the
         // next run depends on.
-        if let Some(per_batch) = &self.per_batch {
-            let batch = inputs.first().map_or(1, HostTensor::rows);
-            let mut plans = per_batch.plans.lock().unwrap_or_else(|p| p.into_inner());
-            match plans.get_mut(&batch) {
-                Some(Slot::Ready(state)) => {
-                    let outputs = state.run(values).map_err(exec)?;
-                    return outputs.iter().map(from_tract).collect();
-                }
-                Some(Slot::Building | Slot::Failed) => {}
-                None => {
-                    drop(plans);
-                    per_batch.request(batch);
-                }
-            }
+        // Only fixed-size inputs can be padded with zero rows.
+        let raw = inputs.iter().all(|t| matches!(t.data, TensorData::Raw(_)));
+        let concrete = self.per_batch.as_ref().and_then(|p| p.for_rows(rows)).filter(|&(size, _)| size == rows || raw);
+        let padded = concrete.map_or(rows, |(size, _)| size);
+        let mut values: TVec<TValue> = tvec![];
+        for (t, &dt) in inputs.iter().zip(&self.input_dts) {
+            values.push(to_tract(t, dt, padded)?.into_tvalue());
         }
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let outputs = state.run(values).map_err(exec)?;
-        outputs.iter().map(from_tract).collect()
+        let outputs = match concrete {
+            Some((_, state)) => state.lock().unwrap_or_else(|p| p.into_inner()).run(values).map_err(exec)?,
+            None => self.state.lock().unwrap_or_else(|p| p.into_inner()).run(values).map_err(exec)?,
+        };
+        outputs.iter().map(|v| from_tract(v, rows, padded)).collect()
     }
 }
 
@@ -359,12 +424,17 @@ fn datum_of(dt: DataType) -> Result<DatumType, EngineError> {
     })
 }
 
-fn to_tract(t: &HostTensor, dt: DatumType) -> Result<Tensor, EngineError> {
+/// A host tensor as tract's, with zero rows added up to `rows` along dim 0 (a padded batch).
+fn to_tract(t: &HostTensor, dt: DatumType, rows: usize) -> Result<Tensor, EngineError> {
     let err = |e: TractError| EngineError::InvalidInput(format!("{e:#}"));
     match &t.data {
         TensorData::Raw(raw) => {
-            let mut out = Tensor::zero_dt(dt, &t.shape).map_err(err)?;
-            out.as_bytes_mut().copy_from_slice(raw);
+            let mut shape = t.shape.clone();
+            if let Some(first) = shape.first_mut() {
+                *first = (*first).max(rows);
+            }
+            let mut out = Tensor::zero_dt(dt, &shape).map_err(err)?;
+            out.as_bytes_mut()[..raw.len()].copy_from_slice(raw);
             Ok(out)
         }
         TensorData::Bytes(values) => {
@@ -380,12 +450,52 @@ fn to_tract(t: &HostTensor, dt: DatumType) -> Result<Tensor, EngineError> {
     }
 }
 
-fn from_tract(v: &TValue) -> Result<HostTensor, EngineError> {
-    let shape = v.shape().to_vec();
+/// A tract output as a host tensor; of a batch padded from `rows` to `padded`, the first `rows`.
+fn from_tract(v: &TValue, rows: usize, padded: usize) -> Result<HostTensor, EngineError> {
+    let mut shape = v.shape().to_vec();
     let dt = datatype_of(v.datum_type())?;
     if dt == DataType::Bytes {
         let view = v.to_plain_array_view::<String>().map_err(|e| EngineError::Execution(format!("{e:#}")))?;
         return HostTensor::from_bytes(shape, view.iter().map(|s| s.as_bytes().to_vec()).collect());
     }
-    HostTensor::from_raw(dt, shape, v.as_bytes().to_vec())
+    let mut bytes = v.as_bytes();
+    if padded != rows && shape.first() == Some(&padded) {
+        bytes = &bytes[..bytes.len() / padded * rows];
+        shape[0] = rows;
+    }
+    HostTensor::from_raw(dt, shape, bytes.to_vec())
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    #[test]
+    fn the_ladder_pads_by_under_a_quarter_and_thins_to_its_budget() {
+        assert_eq!(ladder(64, 24), [1, 2, 3, 4, 5, 6, 8, 10, 13, 17, 22, 29, 38, 50, 64]);
+        assert_eq!(ladder(1, 24), [1]);
+        for count in [2, 5, 9] {
+            let sizes = ladder(64, count);
+            assert!(sizes.len() <= count && sizes[0] == 1 && sizes.last() == Some(&64), "{count}: {sizes:?}");
+        }
+        assert_eq!(ladder(64, 1), [64]);
+    }
+
+    #[test]
+    fn plan_memory_counts_weights_folded_at_load() {
+        // canary_slow's 1024x1024 weight comes from a ConstantOfShape (the file is 32 KB): the
+        // budget must see the 4 MiB the plan holds, not the file.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/canary_slow.onnx");
+        let bytes = std::fs::read(path).unwrap();
+        let model = OnnxModel::load(&bytes).unwrap();
+        let per_batch = model.per_batch.as_ref().unwrap();
+        let template = per_batch.template.lock().unwrap().clone().unwrap();
+        let held = plan_bytes(&plan_for(&template, 4).unwrap());
+        assert!((4 << 20..16 << 20).contains(&held), "{held} bytes");
+        model.prepare(8);
+        let sizes: Vec<usize> = per_batch.plans.get().unwrap().iter().map(|(s, _)| *s).collect();
+        assert_eq!(sizes, [1, 2, 3, 4, 5, 6, 8]);
+        assert!(per_batch.for_rows(7).is_some_and(|(s, _)| s == 8));
+        assert!(per_batch.for_rows(9).is_none());
+    }
 }

@@ -144,8 +144,8 @@ impl Model for TextModel {
         &self.signature
     }
 
-    fn prepare(&self, batch_sizes: &[usize]) {
-        self.inner.prepare(batch_sizes)
+    fn prepare(&self, max_batch_size: usize) {
+        self.inner.prepare(max_batch_size)
     }
 
     fn preprocess(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {

@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use algolink_engine::{DataType, Device, LoadOptions, OnnxBackend, Signature, TensorSpec};
+use algolink_engine::{DataType, Device, LoadOptions, Signature, TensorSpec};
 use bytes::Bytes;
 
 /// The signatures requests are parsed against: a tabular model (FP32 [-1, 4]), a text model
@@ -55,7 +55,8 @@ pub fn upload(data: &[u8]) {
     let format = algolink_registry::Format::detect(&data[..data.len().min(512)]);
     let limits = algolink_registry::ArtifactLimits { max_entries: 64, max_total_bytes: 64 << 20 };
     let Ok(files) = algolink_registry::unpack(format, Bytes::copy_from_slice(data), limits) else { return };
-    let options = LoadOptions { device: Device::Cpu, warmup_batch_sizes: vec![1], onnx_backend: OnnxBackend::Tract };
+    // One plan (batches of one), not the serving ladder: the parse and checks are under test.
+    let options = LoadOptions { device: Device::Cpu, max_batch_size: 1, ..LoadOptions::default() };
     let _ = algolink_engine::load_model(&files, &options);
 }
 

@@ -331,6 +331,7 @@ impl AppState {
         let options = LoadOptions {
             device,
             warmup_batch_sizes: settings.warmup_batch_sizes.clone(),
+            max_batch_size: settings.max_batch_size,
             onnx_backend: settings.onnx_backend,
         };
         tokio::task::spawn_blocking(move || load_model(&files, &options))

@@ -36,7 +36,8 @@ fn main() -> anyhow::Result<()> {
         _ => OnnxBackend::Tract,
     };
     let device = std::env::var("DEVICE").unwrap_or_else(|_| "cpu".into()).parse::<DeviceRequest>()?.resolve()?;
-    let options = LoadOptions { device, warmup_batch_sizes: sizes.clone(), onnx_backend };
+    let max_batch_size = sizes.iter().copied().max().unwrap_or(1);
+    let options = LoadOptions { device, warmup_batch_sizes: sizes.clone(), max_batch_size, onnx_backend };
     let model = load_model(&files, &options)?;
     let cpu = match device {
         Device::Cpu => None,
