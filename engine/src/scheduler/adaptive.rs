@@ -117,9 +117,14 @@ pub struct Prediction {
 /// admitting up to the deadline on it would let half the requests near the deadline finish past
 /// it, and on a saturated host the time around the device (parsing, waking the caller, threads
 /// waiting for a core) is as real as the time on it. Only requests whose calibrated prediction
-/// reached a quarter of their deadline count: shorter ones are never the ones admission refuses,
-/// and their ratios are dominated by fixed costs. (Calibrated, so that a high correction cannot
-/// starve itself of the requests that would bring it down.)
+/// reached half their deadline count: the ones let in near it are those that land late, and
+/// shorter ones' ratios are dominated by fixed costs. (Calibrated, so that a high correction
+/// cannot starve itself of the requests that would bring it down.)
+///
+/// Lateness comes in episodes (a slower stretch of the host makes every queued request late at
+/// once), so the quantile is taken over a long window and aims past p99: a window of a couple of
+/// seconds, at p99, tracked the last episode only and let 2.4-2.8% land late under 4x overload;
+/// 16384 requests at p99.5 held the SLO at p99 (tests/faults/load overload, see the #6 note).
 #[derive(Clone, Debug)]
 pub struct Calibration {
     ratios: VecDeque<f64>,
@@ -129,13 +134,14 @@ pub struct Calibration {
     since_refresh: usize,
 }
 
-/// Requests the quantile is taken over: a batch's requests share their fate, so the window spans
-/// a few dozen batches (a couple of seconds at saturation), or the correction swings with each.
-const CALIBRATION_WINDOW: usize = 2048;
-/// The quantile admission aims at: the objective is held at p99.
-const CALIBRATION_QUANTILE: f64 = 0.99;
-/// The quantile is recomputed every this many requests (a selection over the window).
-const CALIBRATION_REFRESH: usize = 64;
+/// Requests the quantile is taken over: a batch's requests share their fate, and a slow stretch
+/// every batch in the queue, so the window spans a few hundred batches (10 s at 1500 req/s).
+const CALIBRATION_WINDOW: usize = 16384;
+/// The quantile admission aims at: past p99, so that the objective holds at p99 (see above).
+const CALIBRATION_QUANTILE: f64 = 0.995;
+/// The quantile is recomputed every this many requests (a selection over the window, under the
+/// queue's lock: ~100 µs).
+const CALIBRATION_REFRESH: usize = 256;
 /// The correction stays within these bounds, whatever a burst of outliers says.
 const CALIBRATION_RANGE: (f64, f64) = (0.5, 4.0);
 
@@ -152,7 +158,7 @@ impl Default for Calibration {
 
 impl Calibration {
     pub fn observe(&mut self, predicted: Prediction, actual: Duration) {
-        if predicted.latency.is_zero() || predicted.calibrated * 4 < predicted.deadline {
+        if predicted.latency.is_zero() || predicted.calibrated * 2 < predicted.deadline {
             return;
         }
         if self.ratios.len() == CALIBRATION_WINDOW {
@@ -392,14 +398,14 @@ mod tests {
         let p = |latency: f64| Prediction { latency: ms(latency), calibrated: ms(latency), deadline: ms(200.0) };
         let mut c = Calibration::default();
         assert_eq!(c.factor(), 1.0, "nothing measured: trust the model");
-        // 1 request in 10 lands 1.5x late, the others on time: the p99 is the late one.
+        // 1 request in 10 lands 1.5x late, the others on time: the p99.5 is the late one.
         for i in 0..CALIBRATION_WINDOW {
             c.observe(p(100.0), ms(if i % 10 == 0 { 150.0 } else { 100.0 }));
         }
         assert!((c.factor() - 1.5).abs() < 1e-9, "{}", c.factor());
-        // Requests far from their deadline (predicted under a quarter of it) do not count.
+        // Requests far from their deadline (predicted under half of it) do not count.
         for _ in 0..CALIBRATION_WINDOW {
-            c.observe(p(10.0), ms(40.0));
+            c.observe(p(90.0), ms(360.0));
         }
         assert!((c.factor() - 1.5).abs() < 1e-9, "{}", c.factor());
         // It follows a change within a window, and stays within its bounds.
@@ -408,13 +414,13 @@ mod tests {
         }
         assert!((c.factor() - 0.8).abs() < 1e-9, "{}", c.factor());
         for _ in 0..CALIBRATION_WINDOW {
-            c.observe(p(60.0), ms(1000.0));
+            c.observe(p(120.0), ms(1000.0));
         }
         assert_eq!(c.factor(), CALIBRATION_RANGE.1);
         // Now only requests predicted under 50 ms get in; they count, calibrated, and bring it down.
-        let admitted = Prediction { latency: ms(20.0), calibrated: ms(80.0), deadline: ms(200.0) };
+        let admitted = Prediction { latency: ms(30.0), calibrated: ms(120.0), deadline: ms(200.0) };
         for _ in 0..CALIBRATION_WINDOW {
-            c.observe(admitted, ms(22.0));
+            c.observe(admitted, ms(33.0));
         }
         assert!((c.factor() - 1.1).abs() < 1e-9, "{}", c.factor());
     }
