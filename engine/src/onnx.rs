@@ -39,11 +39,16 @@ struct PerBatchPlans {
     /// The parsed model with symbolic batch inputs, re-typed for each batch size; taken (and
     /// freed) by `prepare`.
     template: std::sync::Mutex<Option<InferenceModel>>,
-    /// Ascending batch sizes, each with its plan's run state; set once by `prepare`.
-    plans: std::sync::OnceLock<Vec<(usize, std::sync::Mutex<TypedSimpleState>)>>,
+    /// Set once by `prepare`.
+    ladder: std::sync::OnceLock<Ladder>,
+}
+
+struct Ladder {
+    /// Ascending batch sizes, each with its plan's run state.
+    plans: Vec<(usize, std::sync::Mutex<TypedSimpleState>)>,
     /// Whether every output has the batch's rows along dim 0, so padded rows can be cut off;
     /// when not, a plan serves only batches of exactly its size.
-    paddable: std::sync::atomic::AtomicBool,
+    paddable: bool,
 }
 
 /// What the concrete plans of one model may hold in packed weights, all sizes together.
@@ -54,11 +59,7 @@ const MAX_PLANS: usize = 24;
 
 impl PerBatchPlans {
     fn new(template: InferenceModel) -> PerBatchPlans {
-        PerBatchPlans {
-            template: std::sync::Mutex::new(Some(template)),
-            plans: std::sync::OnceLock::new(),
-            paddable: std::sync::atomic::AtomicBool::new(false),
-        }
+        PerBatchPlans { template: std::sync::Mutex::new(Some(template)), ladder: std::sync::OnceLock::new() }
     }
 
     /// Builds the ladder of plans up to `largest`, once. A plan that fails to build is left out
@@ -66,58 +67,53 @@ impl PerBatchPlans {
     fn prepare(&self, largest: usize) {
         let Some(template) = self.template.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
         let largest = largest.max(1);
-        let mut plans = Vec::new();
+        let mut ladder = Ladder { plans: Vec::new(), paddable: false };
         // The largest first: its size in memory says how many plans fit the budget.
         if let Ok(top) = plan_for(&template, largest) {
-            let bytes = plan_bytes(&top).max(1);
-            let paddable = (0..top.output_outlets().map_or(0, |o| o.len()))
+            ladder.paddable = (0..top.output_outlets().map_or(0, |o| o.len()))
                 .all(|i| top.output_fact(i).is_ok_and(|f| f.shape.rank() > 0 && f.shape[0] == largest.to_dim()));
-            self.paddable.store(paddable, std::sync::atomic::Ordering::Relaxed);
-            let fits = (PLAN_MEMORY_BUDGET / bytes).min(MAX_PLANS);
+            let fits = (PLAN_MEMORY_BUDGET / plan_bytes(&top).max(1)).min(MAX_PLANS);
             if fits > 0 {
-                let sizes = ladder(largest, fits);
+                let sizes = ladder_sizes(largest, fits);
                 for &size in &sizes[..sizes.len() - 1] {
                     if let Ok(plan) = plan_for(&template, size).and_then(spawn) {
-                        plans.push((size, std::sync::Mutex::new(plan)));
+                        ladder.plans.push((size, std::sync::Mutex::new(plan)));
                     }
                 }
                 if let Ok(plan) = spawn(top) {
-                    plans.push((largest, std::sync::Mutex::new(plan)));
+                    ladder.plans.push((largest, std::sync::Mutex::new(plan)));
                 }
             }
         }
-        let _ = self.plans.set(plans);
+        let _ = self.ladder.set(ladder);
     }
 
     /// The plan that serves a batch of `rows`: the smallest at least as large, if padding to it
     /// adds under a third of the rows (a size the ladder was thinned around runs symbolic).
     fn for_rows(&self, rows: usize) -> Option<(usize, &std::sync::Mutex<TypedSimpleState>)> {
-        let (size, state) = self.plans.get()?.iter().find(|(size, _)| *size >= rows)?;
-        let paddable = self.paddable.load(std::sync::atomic::Ordering::Relaxed);
-        (*size == rows || (paddable && 3 * *size < 4 * rows)).then_some((*size, state))
+        let ladder = self.ladder.get()?;
+        let (size, state) = ladder.plans.iter().find(|(size, _)| *size >= rows)?;
+        (*size == rows || (ladder.paddable && 3 * *size < 4 * rows)).then_some((*size, state))
     }
 }
 
-/// `count` batch sizes from 1 to `largest` (included), spaced evenly on a log scale, no step
-/// more than a third above the one below when `count` allows it.
-fn ladder(largest: usize, count: usize) -> Vec<usize> {
-    let mut sizes = vec![1];
-    let mut ratio = 4.0 / 3.0_f64;
-    // The natural ladder, if it fits; else a wider ratio that reaches `largest` in `count` steps.
-    loop {
-        sizes.truncate(1);
-        while let Some(&last) = sizes.last().filter(|&&s| s < largest) {
-            sizes.push(((last as f64 * ratio).floor() as usize).max(last + 1).min(largest));
-        }
-        if sizes.len() <= count.max(2) || count < 2 {
-            break;
-        }
-        ratio *= 1.1;
-    }
+/// At most `count` batch sizes from 1 to `largest` (included), in geometric steps: each at most a
+/// third above the one below when `count` allows it, wider steps when it does not.
+fn ladder_sizes(largest: usize, count: usize) -> Vec<usize> {
     if count < 2 {
         return vec![largest];
     }
-    sizes
+    let mut ratio = 4.0 / 3.0_f64;
+    loop {
+        let mut sizes = vec![1];
+        while let Some(&last) = sizes.last().filter(|&&s| s < largest) {
+            sizes.push(((last as f64 * ratio).floor() as usize).max(last + 1).min(largest));
+        }
+        if sizes.len() <= count {
+            return sizes;
+        }
+        ratio *= 1.1;
+    }
 }
 
 /// The model re-typed for a concrete batch size and optimised.
@@ -472,13 +468,13 @@ mod plan_tests {
 
     #[test]
     fn the_ladder_pads_by_under_a_quarter_and_thins_to_its_budget() {
-        assert_eq!(ladder(64, 24), [1, 2, 3, 4, 5, 6, 8, 10, 13, 17, 22, 29, 38, 50, 64]);
-        assert_eq!(ladder(1, 24), [1]);
+        assert_eq!(ladder_sizes(64, 24), [1, 2, 3, 4, 5, 6, 8, 10, 13, 17, 22, 29, 38, 50, 64]);
+        assert_eq!(ladder_sizes(1, 24), [1]);
         for count in [2, 5, 9] {
-            let sizes = ladder(64, count);
+            let sizes = ladder_sizes(64, count);
             assert!(sizes.len() <= count && sizes[0] == 1 && sizes.last() == Some(&64), "{count}: {sizes:?}");
         }
-        assert_eq!(ladder(64, 1), [64]);
+        assert_eq!(ladder_sizes(64, 1), [64]);
     }
 
     #[test]
@@ -493,7 +489,7 @@ mod plan_tests {
         let held = plan_bytes(&plan_for(&template, 4).unwrap());
         assert!((4 << 20..16 << 20).contains(&held), "{held} bytes");
         model.prepare(8);
-        let sizes: Vec<usize> = per_batch.plans.get().unwrap().iter().map(|(s, _)| *s).collect();
+        let sizes: Vec<usize> = per_batch.ladder.get().unwrap().plans.iter().map(|(s, _)| *s).collect();
         assert_eq!(sizes, [1, 2, 3, 4, 5, 6, 8]);
         assert!(per_batch.for_rows(7).is_some_and(|(s, _)| s == 8));
         assert!(per_batch.for_rows(9).is_none());
