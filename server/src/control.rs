@@ -453,15 +453,19 @@ impl AppState {
         self.report_of(&e).await
     }
 
-    /// The live report of a running experiment, or one rebuilt from its recorded outcomes.
+    /// The live report of a running experiment, or one rebuilt from its recorded outcomes. Either
+    /// way on the outcomes in the registry, which every replica's feedback reaches before it is
+    /// acknowledged: the running totals are refreshed from it once a pass, and a refresh that read
+    /// just before an outcome was recorded can hide it until the next pass (seen as 59 of 60
+    /// outcomes right after the feedback, on PostgreSQL).
     async fn report_of(&self, e: &Experiment) -> Result<Value, ApiError> {
         let traffic = |v: u64| self.traffic_mark(&e.model, v);
+        let totals = self.registry.outcome_totals(e.id).await?;
         if let Some(live) =
             self.experiments.lock().expect("experiments lock").get_mut(&e.model).filter(|l| l.experiment.id == e.id)
         {
-            return Ok(live.report(traffic));
+            return Ok(live.report_on(totals, traffic));
         }
-        let totals = self.registry.outcome_totals(e.id).await?;
         Ok(LiveExperiment::new(e.clone(), totals, BTreeMap::new()).report(traffic))
     }
 
