@@ -453,19 +453,15 @@ impl AppState {
         self.report_of(&e).await
     }
 
-    /// The live report of a running experiment, or one rebuilt from its recorded outcomes. Either
-    /// way on the outcomes in the registry, which every replica's feedback reaches before it is
-    /// acknowledged: the running totals are refreshed from it once a pass, and a refresh that read
-    /// just before an outcome was recorded can hide it until the next pass (seen as 59 of 60
-    /// outcomes right after the feedback, on PostgreSQL).
+    /// The live report of a running experiment, or one rebuilt from its recorded outcomes.
     async fn report_of(&self, e: &Experiment) -> Result<Value, ApiError> {
         let traffic = |v: u64| self.traffic_mark(&e.model, v);
-        let totals = self.registry.outcome_totals(e.id).await?;
         if let Some(live) =
             self.experiments.lock().expect("experiments lock").get_mut(&e.model).filter(|l| l.experiment.id == e.id)
         {
-            return Ok(live.report_on(totals, traffic));
+            return Ok(live.report(traffic));
         }
+        let totals = self.registry.outcome_totals(e.id).await?;
         Ok(LiveExperiment::new(e.clone(), totals, BTreeMap::new()).report(traffic))
     }
 
@@ -575,6 +571,7 @@ impl AppState {
         }
         let (mut recorded, mut duplicates) = (0, 0);
         for (exp, (model, outcomes)) in batches {
+            let _gate = self.outcomes_gate.read().await;
             let fresh = self.registry.record_outcomes(exp, &outcomes).await?;
             let mut experiments = self.experiments.lock().expect("experiments lock");
             let mut live = experiments.get_mut(&model).filter(|l| l.experiment.id == exp);

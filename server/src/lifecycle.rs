@@ -340,15 +340,6 @@ impl LiveExperiment {
         bandit::thompson_shares(self.experiment.goal.bandit_outcome(), &arms, floor, 2000, &mut rand::rng())
     }
 
-    /// The report on `totals` just read from the registry instead of the running ones (which
-    /// stay as they are: the next refresh brings them up to date).
-    pub fn report_on(&mut self, totals: BTreeMap<u64, Moments>, traffic: impl Fn(u64) -> Option<Mark>) -> Value {
-        let running = std::mem::replace(&mut self.totals, totals);
-        let report = self.report(traffic);
-        self.totals = running;
-        report
-    }
-
     /// The dashboard: per version, traffic, errors, latency, outcomes and the test.
     pub fn report(&mut self, traffic: impl Fn(u64) -> Option<Mark>) -> Value {
         let comparisons = self.compare();

@@ -99,6 +99,7 @@ impl AppState {
             .map(|(name, live)| (name.clone(), live.experiment.id))
             .collect();
         for (name, id) in running {
+            let _gate = self.outcomes_gate.write().await;
             let totals = self.registry.outcome_totals(id).await?;
             if let Some(live) =
                 self.experiments.lock().expect("experiments lock").get_mut(&name).filter(|l| l.experiment.id == id)
@@ -121,6 +122,7 @@ impl AppState {
                 self.thompson.lock().expect("thompson lock").remove(name);
             }
             Some(e) if current.as_ref() != Some(&e) => {
+                let _gate = self.outcomes_gate.write().await;
                 let totals = self.registry.outcome_totals(e.id).await?;
                 // The window starts when this replica learns of the experiment (within a pass of
                 // its start), unless it already followed it.

@@ -57,6 +57,12 @@ pub struct AppState {
     shadows: Mutex<BTreeMap<(String, u64), Arc<ShadowStats>>>,
     /// Running experiments, by model.
     pub(crate) experiments: Mutex<HashMap<String, LiveExperiment>>,
+    /// Held shared by a feedback from its registry write to its increment of the running totals,
+    /// and exclusively by a refresh from its read of the registry's totals to their replacing the
+    /// running ones: a refresh then never replaces totals with a read that misses an outcome
+    /// already counted here (one reported 59 of 60 outcomes just acknowledged, on PostgreSQL), nor
+    /// with one that an increment still to come would count twice.
+    pub(crate) outcomes_gate: tokio::sync::RwLock<()>,
     pub(crate) assignments: Mutex<Assignments>,
     /// Current Thompson shares per model (route order), and when they were computed.
     pub(crate) thompson: Mutex<HashMap<String, (u64, Vec<f64>)>>,
@@ -109,6 +115,7 @@ impl AppState {
             traffic: Mutex::new(BTreeMap::new()),
             shadows: Mutex::new(BTreeMap::new()),
             experiments: Mutex::new(HashMap::new()),
+            outcomes_gate: tokio::sync::RwLock::new(()),
             assignments: Mutex::new(Assignments::new(1_000_000)),
             thompson: Mutex::new(HashMap::new()),
             rollout_marks: Mutex::new(HashMap::new()),
