@@ -2,7 +2,7 @@
 """Models for the GPU check, generated on the spot (nothing large travels), and PyTorch eager
 baselines on the same GPU:
 
-    models.py OUT        # OUT/mlp.safetensors (256-1024-1024-10, config in its metadata),
+    models.py OUT        # OUT/mlp.safetensors (256-1024-1024-10, config in its metadata), OUT/mlp.onnx,
                          # OUT/encoder.tar (a BERT with all-MiniLM-L6-v2's shape, random weights,
                          # a WordPiece tokenizer, sentence-transformers pooling files),
                          # OUT/mlp.json, OUT/text.json (requests), and one JSON line per
@@ -53,6 +53,14 @@ with open(os.path.join(out, "mlp.safetensors"), "wb") as f:
 with open(os.path.join(out, "mlp.json"), "w") as f:
     json.dump({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 256],
                            "data": [((i * 7919) % 1000) / 1000 - 0.5 for i in range(256)]}]}, f)
+# The same MLP as ONNX: on cuda:0 it runs as a candle plan (engine/src/onnx_candle.rs). The
+# TorchScript exporter needs no onnx package; a failure leaves the ONNX check out, not the rest.
+try:
+    torch.onnx.export(mlp, (torch.randn(1, 256),), os.path.join(out, "mlp.onnx"), input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+except Exception as e:  # noqa: BLE001 - reported, and the rest of the check goes on
+    print(f"mlp.onnx not exported: {e}", file=sys.stderr)
 gpu_mlp = mlp.cuda()
 print(json.dumps({"label": "torch-eager-mlp", "batch": 1,
                   "ms": eager_ms(gpu_mlp, torch.randn(1, 256, device="cuda"))}))

@@ -4,7 +4,8 @@
 #
 # 1. CUDA results against CPU results: `offline` with DEVICE=cuda:0 runs every batch on both and
 #    prints the largest relative difference (want <= 1e-3), for the MLP 256-1024-1024-10 and a BERT
-#    shaped like all-MiniLM-L6-v2 taking text, at batch 1, 8, 32 and 128.
+#    shaped like all-MiniLM-L6-v2 taking text, at batch 1, 8, 32 and 128; the MLP exported to ONNX
+#    (the candle plan on the GPU against tract on the CPU).
 # 2. Engine throughput and batch-1 latency on the GPU, against PyTorch eager on the same GPU
 #    (want AlgoLink batch-1 <= 1.2x eager).
 # 3. Served: the server on cuda:0, concurrency 1 and 64, against the best offline rate (want >= 0.9).
@@ -36,6 +37,8 @@ bin=$work/bin
     DEVICE=cuda:0 "$bin/offline" "$work/$m" 1,8,32,128 2
     "$bin/offline" "$work/$m" 1,8 1 | sed 's/"device":"cpu"/"device":"cpu","cpu_only":true/'
   done
+  # The MLP as ONNX: the candle plan on cuda:0 against tract on the CPU.
+  [[ -f $work/mlp.onnx ]] && DEVICE=cuda:0 "$bin/offline" "$work/mlp.onnx" 1,8,32,128 2
 
   printf '[defaults]\ndevice = "cuda:0"\nwarmup_batch_sizes = [1, 2, 4, 8, 16, 32, 64]\n' >"$work/gpu.toml"
   "$bin/algolink" serve --config "$work/gpu.toml" --data "$work/data" --http 127.0.0.1:18500 >"$out/server.log" 2>&1 &
@@ -63,4 +66,11 @@ for model, key in [("mlp.safetensors", "mlp"), ("encoder.tar", "encoder")]:
           f" = {b1['ms_per_batch'] / eager['torch-eager-' + key]:.2f}x (want <= 1.2)")
     print(f"{key}: served at c={sat['concurrency']} {sat['rps']:.0f} req/s vs offline best {best['rows_per_s']:.0f} rows/s"
           f" (batch {best['batch']}) = {sat['rps'] / best['rows_per_s']:.2f} (want >= 0.9)")
+onnx = [r for r in rows if r.get("model", "").endswith("mlp.onnx") and r.get("device") == "cuda:0"]
+if onnx:
+    b1 = next(r for r in onnx if r["batch"] == 1)
+    print(f"mlp.onnx (candle plan): CUDA vs CPU largest relative difference {max(r['max_rel_diff'] for r in onnx):.2e}"
+          f" (want <= 1e-3); batch-1 {b1['ms_per_batch']:.3f} ms vs PyTorch eager {eager['torch-eager-mlp']:.3f} ms")
+else:
+    print("mlp.onnx: not run (see the export message above)")
 PY

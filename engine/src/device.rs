@@ -88,6 +88,65 @@ impl Device {
     }
 }
 
+/// Room a version needs on a GPU beyond its weights: activations of a batch and the BLAS
+/// library's workspace.
+const WORKSPACE_BYTES: u64 = 256 << 20;
+
+impl Device {
+    /// Free and total memory of the device in bytes; `None` on the CPU, where the operating system
+    /// decides.
+    pub fn memory(self) -> Result<Option<(u64, u64)>, EngineError> {
+        match self {
+            Device::Cpu => Ok(None),
+            Device::Cuda(n) => cuda_memory(n).map(Some),
+        }
+    }
+
+    /// Refuses, with a message naming both figures, to place `weight_bytes` of weights on a GPU
+    /// that has not that much free plus a tenth and [`WORKSPACE_BYTES`] for running batches: the
+    /// load fails before anything is allocated rather than half-way, or later in a batch.
+    pub fn check_room(self, weight_bytes: u64) -> Result<(), EngineError> {
+        match self.memory()? {
+            None => Ok(()),
+            Some((free, total)) => room(self, weight_bytes, free, total),
+        }
+    }
+}
+
+fn room(device: Device, weight_bytes: u64, free: u64, total: u64) -> Result<(), EngineError> {
+    let needed = weight_bytes + weight_bytes / 10 + WORKSPACE_BYTES;
+    if needed <= free {
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Err(EngineError::DeviceMemory(format!(
+        "{device} has {:.0} MiB free of {:.0} MiB; this version needs about {:.0} MiB ({:.0} MiB of weights \
+         as loaded, a tenth more and {:.0} MiB to run batches): unload a version there or choose another device",
+        mib(free),
+        mib(total),
+        mib(needed),
+        mib(weight_bytes),
+        mib(WORKSPACE_BYTES),
+    )))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_memory(ordinal: usize) -> Result<(u64, u64), EngineError> {
+    let device = Device::Cuda(ordinal).candle()?;
+    let candle_core::Device::Cuda(cuda) = &device else { unreachable!("a cuda device") };
+    let (free, total) = cuda
+        .cuda_stream()
+        .context()
+        .mem_get_info()
+        .map_err(|e| EngineError::Device(format!("cuda:{ordinal}: reading free memory: {e}")))?;
+    Ok((free as u64, total as u64))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_memory(ordinal: usize) -> Result<(u64, u64), EngineError> {
+    Err(EngineError::Device(format!("cuda:{ordinal}: this algolink was built without the `cuda` feature")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +158,21 @@ mod tests {
         assert_eq!("cuda:1".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(1));
         assert!("gpu".parse::<DeviceRequest>().is_err());
         assert!("cuda:x".parse::<DeviceRequest>().is_err());
+    }
+
+    #[test]
+    fn room_counts_weights_a_tenth_and_the_workspace() {
+        let gib = 1u64 << 30;
+        assert!(room(Device::Cuda(0), gib, 2 * gib, 80 * gib).is_ok());
+        // 1 GiB + 0.1 GiB + 0.25 GiB does not fit in 1.3 GiB.
+        let err = room(Device::Cuda(1), gib, gib + 3 * gib / 10, 80 * gib).unwrap_err();
+        assert!(matches!(err, EngineError::DeviceMemory(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("cuda:1 has 1331 MiB free of 81920 MiB") && text.contains("needs about 1382 MiB"),
+            "{text}"
+        );
+        assert!(Device::Cpu.check_room(u64::MAX).is_ok(), "the CPU is not checked");
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -15,6 +15,9 @@ pub enum EngineError {
     /// The requested device does not exist in this build or on this machine.
     #[error("device error: {0}")]
     Device(String),
+    /// The device has not the free memory a version needs: refused before loading it.
+    #[error("not enough device memory: {0}")]
+    DeviceMemory(String),
     /// The model failed while running a batch.
     #[error("execution failed: {0}")]
     Execution(String),

@@ -9,6 +9,7 @@ mod error;
 mod load;
 pub mod model;
 pub mod onnx;
+pub mod onnx_candle;
 mod onnx_ml;
 #[cfg(feature = "ort")]
 pub mod ort;

@@ -24,15 +24,19 @@ fn json_file(files: &ModelFiles, name: &str) -> Result<Option<serde_json::Value>
         .transpose()
 }
 
-/// What runs ONNX models on the CPU.
+/// What runs ONNX models.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnnxBackend {
-    /// tract, built in.
+    /// tract on the CPU, built in; on a GPU device, the candle plan when the graph's operators
+    /// allow it, tract on the CPU otherwise.
     #[default]
     Tract,
-    /// ONNX Runtime, loaded at run time (needs the cargo feature `ort`; see `ort.rs`).
+    /// ONNX Runtime on the CPU, loaded at run time (needs the cargo feature `ort`; see `ort.rs`).
     Ort,
+    /// The graph compiled into candle operations (`onnx_candle.rs`) on the configured device, the
+    /// CPU included; a graph it cannot run is refused.
+    Candle,
 }
 
 #[derive(Clone, Debug)]
@@ -44,6 +48,9 @@ pub struct LoadOptions {
     /// concrete plans) is built up to it at load.
     pub max_batch_size: usize,
     pub onnx_backend: OnnxBackend,
+    /// The configuration said `auto`: a version that does not fit the GPU's free memory loads on
+    /// the CPU instead of being refused.
+    pub cpu_fallback: bool,
 }
 
 impl Default for LoadOptions {
@@ -53,6 +60,7 @@ impl Default for LoadOptions {
             warmup_batch_sizes: vec![1],
             max_batch_size: 64,
             onnx_backend: OnnxBackend::Tract,
+            cpu_fallback: false,
         }
     }
 }
@@ -76,26 +84,12 @@ fn load_unguarded(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
     let onnx = find(files, ".onnx");
     let weights = find(files, ".safetensors");
     let model: Arc<dyn Model> = match (onnx.as_slice(), weights.as_slice()) {
-        ([(_, bytes)], []) => {
-            if options.device != Device::Cpu {
-                tracing::warn!("ONNX models run on the CPU backend; {} is not used for this one", options.device);
-            }
-            match options.onnx_backend {
-                OnnxBackend::Tract => Arc::new(crate::onnx::OnnxModel::load(bytes)?),
-                #[cfg(feature = "ort")]
-                OnnxBackend::Ort => Arc::new(crate::ort::OrtModel::load(bytes)?),
-                #[cfg(not(feature = "ort"))]
-                OnnxBackend::Ort => {
-                    return Err(EngineError::Device(
-                        "onnx_backend \"ort\" needs a build with the cargo feature `ort`".into(),
-                    ));
-                }
-            }
-        }
+        ([(_, bytes)], []) => load_onnx(bytes, options)?,
         ([], [(_, bytes)]) => {
             let mut config = crate::safetensors::config_for(bytes, files.get("config.json").map(|b| &b[..]))?;
             crate::safetensors::apply_sentence_transformers(&mut config, files)?;
-            Arc::from(crate::safetensors::load(bytes, &config, options.device)?)
+            let device = place(options, crate::safetensors::loaded_bytes(bytes)?)?;
+            Arc::from(crate::safetensors::load(bytes, &config, device)?)
         }
         ([], []) => {
             return Err(EngineError::InvalidModel("no model file: expected a .onnx or a .safetensors file".into()));
@@ -126,6 +120,53 @@ fn load_unguarded(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
     model.prepare(options.max_batch_size);
     warm_up(model.as_ref(), &options.warmup_batch_sizes)?;
     Ok(model)
+}
+
+/// An ONNX model on its backend. On a GPU, and anywhere with the `candle` backend, the graph is
+/// compiled into candle operations; on a GPU, a graph with operators the plan lacks (the
+/// ai.onnx.ml models among them), or one that does not fit and may fall back, runs on the CPU.
+fn load_onnx(bytes: &[u8], options: &LoadOptions) -> Result<Arc<dyn Model>, EngineError> {
+    let on_gpu = options.device != Device::Cpu;
+    let backend = options.onnx_backend;
+    if backend == OnnxBackend::Candle || (on_gpu && backend == OnnxBackend::Tract) {
+        match crate::onnx_candle::CandleOnnx::parse(bytes) {
+            Ok((proto, weight_bytes)) => {
+                let device = place(options, weight_bytes)?;
+                if device != Device::Cpu || backend == OnnxBackend::Candle {
+                    return Ok(Arc::new(crate::onnx_candle::CandleOnnx::build(&proto, device)?));
+                }
+            }
+            Err(EngineError::Unsupported(why)) if backend == OnnxBackend::Tract => {
+                tracing::warn!("{why}: this model runs on the CPU through tract, not on {}", options.device);
+            }
+            Err(e) => return Err(e),
+        }
+    } else if on_gpu {
+        tracing::warn!("ONNX Runtime runs on the CPU here; {} is not used for this model", options.device);
+    }
+    Ok(match backend {
+        OnnxBackend::Tract | OnnxBackend::Candle => Arc::new(crate::onnx::OnnxModel::load(bytes)?),
+        #[cfg(feature = "ort")]
+        OnnxBackend::Ort => Arc::new(crate::ort::OrtModel::load(bytes)?),
+        #[cfg(not(feature = "ort"))]
+        OnnxBackend::Ort => {
+            return Err(EngineError::Device("onnx_backend \"ort\" needs a build with the cargo feature `ort`".into()));
+        }
+    })
+}
+
+/// The device a version of `weight_bytes` (as loaded) goes on: the requested one when it has the
+/// room, else the CPU when the configuration allows it; otherwise a `DeviceMemory` error before
+/// anything is allocated.
+fn place(options: &LoadOptions, weight_bytes: u64) -> Result<Device, EngineError> {
+    match options.device.check_room(weight_bytes) {
+        Ok(()) => Ok(options.device),
+        Err(EngineError::DeviceMemory(why)) if options.cpu_fallback => {
+            tracing::warn!("{why}; loading on the CPU instead (device = \"auto\")");
+            Ok(Device::Cpu)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Length given to variable non-batch dimensions (sequence lengths) of synthetic inputs.

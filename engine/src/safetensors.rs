@@ -38,6 +38,13 @@ pub fn config_for(weights: &[u8], config_json: Option<&[u8]>) -> Result<serde_js
     serde_json::from_str(&text).map_err(|e| EngineError::InvalidModel(format!("model config is not valid JSON: {e}")))
 }
 
+/// Bytes the weights take once loaded: every tensor is placed as f32.
+pub fn loaded_bytes(weights: &[u8]) -> Result<u64, EngineError> {
+    let (_, meta) = ::safetensors::SafeTensors::read_metadata(weights)
+        .map_err(|e| EngineError::InvalidModel(format!("not a readable safetensors file: {e}")))?;
+    Ok(meta.tensors().values().map(|t| t.shape.iter().product::<usize>() as u64 * 4).sum())
+}
+
 /// Reads a sentence-transformers directory's pooling and normalisation into the model config
 /// (`pooling`, `normalize`); does nothing without `modules.json`.
 pub fn apply_sentence_transformers(

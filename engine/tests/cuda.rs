@@ -56,3 +56,57 @@ fn candle_models_on_cuda_match_their_references() {
         }
     }
 }
+
+/// An MLP of two 4096x4096 f32 layers (128 MiB of weights), built here.
+fn big_mlp() -> ModelFiles {
+    let weights = vec![0u8; 4096 * 4096 * 4];
+    let view = || safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4096, 4096], &weights).unwrap();
+    let config = serde_json::json!({"architecture": "mlp"}).to_string();
+    let metadata = std::collections::HashMap::from([("algolink.config".to_string(), config)]);
+    let bytes = safetensors::serialize([("l0.weight", view()), ("l1.weight", view())], Some(metadata)).unwrap();
+    ModelFiles::from([("big.safetensors".to_string(), bytes.into())])
+}
+
+#[test]
+fn gpu_memory_is_checked_before_loading_and_given_back_on_unload() {
+    let device = Device::Cuda(0);
+    let free = || device.memory().unwrap().expect("a GPU reports its memory").0 as i64;
+    let options = LoadOptions { device, ..LoadOptions::default() };
+    // The first load also sets up the context and cuBLAS, which stay: measure from the second.
+    drop(load_model(&big_mlp(), &options).unwrap());
+    let before = free();
+    let model = load_model(&big_mlp(), &options).unwrap();
+    let loaded = free();
+    drop(model);
+    let after = free();
+    let mib = |b: i64| b / (1 << 20);
+    assert!(before - loaded >= 128 << 20, "loading took only {} MiB", mib(before - loaded));
+    assert!((before - after).abs() <= 16 << 20, "unloading gave back all but {} MiB", mib(before - after));
+    // More than the device has: refused before anything is allocated, with both figures named.
+    let (_, total) = device.memory().unwrap().unwrap();
+    let err = device.check_room(total).unwrap_err().to_string();
+    assert!(err.contains("cuda:0 has") && err.contains("MiB free of"), "{err}");
+    assert!((free() - after).abs() <= 16 << 20);
+}
+
+#[test]
+fn onnx_exports_run_on_cuda_as_a_candle_plan() {
+    // The default ONNX backend on a cuda device: the graph compiled into candle operations.
+    let options = LoadOptions { device: Device::Cuda(0), ..LoadOptions::default() };
+    for name in ["torch_mlp", "torch_cnn", "torch_bert"] {
+        let files = unpack_fixture(&format!("{name}.onnx"));
+        let model = load_model(&files, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(model.signature().platform, "candle_onnx", "{name} runs on the GPU");
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/fixtures/{name}.json"));
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let outputs = model.run(r["inputs"].as_array().unwrap().iter().map(tensor).collect()).unwrap();
+        let want = tensor(&r["outputs"][0]);
+        assert_eq!(outputs[0].shape, want.shape, "{name}");
+        for (g, w) in outputs[0].to_f32().unwrap().iter().zip(want.to_f32().unwrap()) {
+            assert!((g - w).abs() <= 1e-3 * w.abs().max(1e-2), "{name}: cuda {g}, reference {w}");
+        }
+    }
+    // ai.onnx.ml models have no GPU plan: they run on the CPU through tract.
+    let iris = load_model(&unpack_fixture("iris_logreg.onnx"), &options).unwrap();
+    assert_eq!(iris.signature().platform, "onnx_onnxv1");
+}

@@ -66,6 +66,9 @@ impl From<EngineError> for ApiError {
             EngineError::QueueFull { retry_after, .. } | EngineError::WouldMissDeadline { retry_after, .. } => {
                 ApiError::Unavailable { message: e.to_string(), retry_after: Some(retry_after) }
             }
+            // The device's state, not the request, stands in the way: unloading a version there
+            // (or choosing another device) lets the same push through.
+            EngineError::DeviceMemory(_) => ApiError::Conflict(e.to_string()),
             EngineError::DeadlineExceeded { .. } => ApiError::Timeout(e.to_string()),
             EngineError::Unavailable(_) => {
                 ApiError::Unavailable { message: e.to_string(), retry_after: Some(Duration::from_secs(1)) }

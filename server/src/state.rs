@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use algolink_engine::{LoadOptions, Model, Scheduler, Stats, load_model};
+use algolink_engine::{DeviceRequest, LoadOptions, Model, Scheduler, Stats, load_model};
 use algolink_registry::lifecycle::ModelPolicy;
 use algolink_registry::lifecycle::rollout::Rollout;
 use algolink_registry::lifecycle::stats::TrafficTotals;
@@ -334,9 +334,10 @@ impl AppState {
 
     async fn load_files(&self, name: &str, files: algolink_engine::ModelFiles) -> Result<Arc<dyn Model>, ApiError> {
         let settings = self.config.settings_for(name);
-        let device = settings.device().resolve()?;
+        let request = settings.device();
         let options = LoadOptions {
-            device,
+            device: request.resolve()?,
+            cpu_fallback: request == DeviceRequest::Auto,
             warmup_batch_sizes: settings.warmup_batch_sizes.clone(),
             max_batch_size: settings.max_batch_size,
             onnx_backend: settings.onnx_backend,
