@@ -26,7 +26,7 @@ pub enum EngineError {
     QueueFull { queued: usize, retry_after: Duration },
     /// Adaptive batching predicts the request would finish after its deadline (or the model's
     /// latency objective): refused at once rather than served late.
-    #[error("would miss its deadline: predicted to finish in {predicted:?}, deadline in {deadline:?}; retry later")]
+    #[error("would miss its deadline: predicted to finish in {predicted:?}, allowed {deadline:?}; retry later")]
     WouldMissDeadline { predicted: Duration, deadline: Duration, retry_after: Duration },
     /// The request's deadline passed while it waited in the queue; it never reached the device.
     #[error("deadline exceeded after {waited:?} in the queue")]

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::adaptive::{Adaptive, Plan, Prediction};
+use super::adaptive::{ADMISSION_HEADROOM, Adaptive, Plan, Prediction};
 
 /// Triton-compatible knobs of the dynamic batcher.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,7 +98,9 @@ pub enum PushError {
         tokens: usize,
         max: usize,
     },
-    /// Adaptive mode: predicted to finish `predicted` after arrival, past its `deadline`.
+    /// Adaptive mode: predicted to finish `predicted` after arrival, past `deadline`: what
+    /// admission allows (`ADMISSION_HEADROOM` of the request's deadline) or, for a queued request,
+    /// the deadline itself.
     WouldMissDeadline {
         predicted: Duration,
         deadline: Duration,
@@ -159,8 +161,9 @@ impl<T: Waiting> BatchQueue<T> {
                 self.adaptive.predicted_finish(entry.enqueued, self.rows, entry.rows, self.config.max_batch_size);
             if let Some(latency) = finish.map(|f| f.saturating_duration_since(entry.enqueued)) {
                 let predicted = latency.mul_f64(self.adaptive.calibration.factor());
-                if predicted > deadline {
-                    return Err((PushError::WouldMissDeadline { predicted, deadline }, entry));
+                let allowed = deadline.mul_f64(ADMISSION_HEADROOM);
+                if predicted > allowed {
+                    return Err((PushError::WouldMissDeadline { predicted, deadline: allowed }, entry));
                 }
                 prediction = Some(Prediction { latency, calibrated: predicted, deadline });
             }
@@ -561,16 +564,18 @@ mod tests {
         // 20 + t(4) = 34 ms, returned for the caller to hold against the actual latency.
         let a = q.push(entry("a", 0, None)).unwrap().unwrap();
         assert!(a.latency.abs_diff(ms(34)) < Duration::from_micros(1) && a.deadline == ms(50), "{a:?}");
-        // Behind a's 4 rows: 20 + t(8) = 38 ms; then 20 + t(8) + t(4) = 52 ms > 50.
+        // Behind a's 4 rows: 20 + t(8) = 38 ms; then 20 + t(8) + t(4) = 52 ms, past the 42.5 ms
+        // admission allows (85% of 50).
         q.push(entry("b", 0, None)).unwrap();
         let late = q.push(entry("c", 0, None)).unwrap_err().0;
-        assert!(matches!(late, PushError::WouldMissDeadline { deadline, .. } if deadline == ms(50)), "{late:?}");
-        // A tighter deadline of its own counts too: 38 ms > 30 ms.
+        let allowed = ms(50).mul_f64(ADMISSION_HEADROOM);
+        assert!(matches!(late, PushError::WouldMissDeadline { deadline, .. } if deadline == allowed), "{late:?}");
+        // A tighter deadline of its own counts too: 38 ms > 0.85 x 30 ms.
         let mut q2 = BatchQueue::new(BatchConfig { latency_slo: Some(ms(50)), ..BatchConfig::default() }, false);
         q2.adaptive = q.adaptive.clone();
         q2.push(entry("x", 0, None)).unwrap();
         assert!(q2.push(entry("tight", 0, Some(30))).is_err());
-        // Answers that landed 1.5x later than predicted: a's 34 ms counts as 51 ms > 50, refused.
+        // Answers that landed 1.5x later than predicted: a's 34 ms counts as 51 ms > 42.5, refused.
         let mut q3 = BatchQueue::new(BatchConfig { latency_slo: Some(ms(50)), ..BatchConfig::default() }, false);
         q3.adaptive = q.adaptive.clone();
         q3.adaptive.calibration.observe(a, a.latency.mul_f64(1.5));
