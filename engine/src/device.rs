@@ -132,13 +132,13 @@ fn room(device: Device, weight_bytes: u64, free: u64, total: u64) -> Result<(), 
 
 #[cfg(feature = "cuda")]
 fn cuda_memory(ordinal: usize) -> Result<(u64, u64), EngineError> {
-    let device = Device::Cuda(ordinal).candle()?;
-    let candle_core::Device::Cuda(cuda) = &device else { unreachable!("a cuda device") };
-    let (free, total) = cuda
-        .cuda_stream()
-        .context()
-        .mem_get_info()
-        .map_err(|e| EngineError::Device(format!("cuda:{ordinal}: reading free memory: {e}")))?;
+    // The device's primary context, which candle's devices share: no stream or cuBLAS handle is
+    // made just to ask.
+    use candle_core::cuda_backend::cudarc::driver::CudaContext;
+    let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        EngineError::Device(format!("cuda:{ordinal}: reading free memory: {e}"))
+    };
+    let (free, total) = CudaContext::new(ordinal).map_err(err)?.mem_get_info().map_err(err)?;
     Ok((free as u64, total as u64))
 }
 
