@@ -613,52 +613,33 @@ fn tensor_of(t: &pb::TensorProto) -> Result<CTensor, EngineError> {
     let n = crate::tensor::numel(&dims).ok_or_else(|| invalid("too many elements".into()))?;
     let cpu = &CDevice::Cpu;
     let check = |len: usize| if len == n { Ok(()) } else { Err(invalid(format!("{len} values for shape {dims:?}"))) };
-    let raw = !t.raw_data.is_empty() || n == 0;
-    let tensor = match t.data_type {
-        1 if raw => {
-            check(t.raw_data.len() / 4)?;
-            CTensor::from_raw_buffer(&t.raw_data, DType::F32, &dims, cpu)
+    let unsupported = || EngineError::Unsupported(format!("tensor {:?}: ONNX element type {}", t.name, t.data_type));
+    let tensor = if !t.raw_data.is_empty() || n == 0 {
+        let (dtype, size) = match t.data_type {
+            1 => (DType::F32, 4),
+            11 => (DType::F64, 8),
+            7 => (DType::I64, 8),
+            6 => (DType::I32, 4),
+            2 | 9 => (DType::U8, 1),
+            _ => return Err(unsupported()),
+        };
+        check(t.raw_data.len() / size)?;
+        CTensor::from_raw_buffer(&t.raw_data, dtype, &dims, cpu)
+    } else {
+        match t.data_type {
+            1 => check(t.float_data.len()).map(|_| CTensor::from_slice(&t.float_data, dims.as_slice(), cpu))?,
+            11 => check(t.double_data.len()).map(|_| CTensor::from_slice(&t.double_data, dims.as_slice(), cpu))?,
+            7 => check(t.int64_data.len()).map(|_| CTensor::from_slice(&t.int64_data, dims.as_slice(), cpu))?,
+            6 => check(t.int32_data.len()).map(|_| CTensor::from_slice(&t.int32_data, dims.as_slice(), cpu))?,
+            2 | 9 => check(t.int32_data.len()).map(|_| {
+                let bytes: Vec<u8> = t.int32_data.iter().map(|&v| v as u8).collect();
+                CTensor::from_vec(bytes, dims.as_slice(), cpu)
+            })?,
+            _ => return Err(unsupported()),
         }
-        1 => {
-            check(t.float_data.len())?;
-            CTensor::from_slice(&t.float_data, dims.as_slice(), cpu)
-        }
-        11 if raw => {
-            check(t.raw_data.len() / 8)?;
-            CTensor::from_raw_buffer(&t.raw_data, DType::F64, &dims, cpu)
-        }
-        11 => {
-            check(t.double_data.len())?;
-            CTensor::from_slice(&t.double_data, dims.as_slice(), cpu)
-        }
-        7 if raw => {
-            check(t.raw_data.len() / 8)?;
-            CTensor::from_raw_buffer(&t.raw_data, DType::I64, &dims, cpu)
-        }
-        7 => {
-            check(t.int64_data.len())?;
-            CTensor::from_slice(&t.int64_data, dims.as_slice(), cpu)
-        }
-        6 if raw => {
-            check(t.raw_data.len() / 4)?;
-            let values: Vec<i64> =
-                t.raw_data.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect();
-            CTensor::from_vec(values, dims.as_slice(), cpu)
-        }
-        6 => {
-            check(t.int32_data.len())?;
-            CTensor::from_vec(t.int32_data.iter().map(|&v| v as i64).collect::<Vec<_>>(), dims.as_slice(), cpu)
-        }
-        2 | 9 if raw => {
-            check(t.raw_data.len())?;
-            CTensor::from_raw_buffer(&t.raw_data, DType::U8, &dims, cpu)
-        }
-        2 | 9 => {
-            check(t.int32_data.len())?;
-            CTensor::from_vec(t.int32_data.iter().map(|&v| v as u8).collect::<Vec<_>>(), dims.as_slice(), cpu)
-        }
-        other => return Err(EngineError::Unsupported(format!("tensor {:?}: ONNX element type {other}", t.name))),
     };
+    // 32-bit integers are held as i64, like every integer (see `dtype_of`).
+    let tensor = tensor.and_then(|t| if t.dtype() == DType::I32 { t.to_dtype(DType::I64) } else { Ok(t) });
     tensor.map_err(|e| invalid(e.to_string()))
 }
 
@@ -756,6 +737,16 @@ fn host_f64(t: &CTensor) -> CResult<f64> {
     values.first().copied().ok_or_else(|| candle_core::Error::Msg("an empty scalar".into()))
 }
 
+/// The axes of Unsqueeze, Squeeze and the reductions: an attribute before the opset that made
+/// them the second input; `None` when the node has neither.
+fn axes_of(attribute: &Option<Vec<i64>>, args: &[Option<&CTensor>]) -> CResult<Option<Vec<i64>>> {
+    match (attribute, args.get(1).copied().flatten()) {
+        (Some(a), _) => Ok(Some(a.clone())),
+        (None, Some(t)) => host_ints(t).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 fn axis_of(axis: i64, rank: usize) -> CResult<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     if (0..rank.max(1) as i64).contains(&a) {
@@ -784,12 +775,12 @@ fn broadcast(a: &[usize], b: &[usize]) -> CResult<Vec<usize>> {
 
 /// The arguments on one device: the plan's when any is there, else the host.
 fn together<const N: usize>(args: [&CTensor; N], device: &CDevice) -> CResult<[CTensor; N]> {
+    Ok(on_one_device(&args, device)?.try_into().unwrap_or_else(|_| unreachable!("N tensors")))
+}
+
+fn on_one_device(args: &[&CTensor], device: &CDevice) -> CResult<Vec<CTensor>> {
     let target = if args.iter().any(|t| !t.device().is_cpu()) { device.clone() } else { CDevice::Cpu };
-    let mut out = Vec::with_capacity(N);
-    for t in args {
-        out.push(t.to_device(&target)?);
-    }
-    Ok(out.try_into().unwrap_or_else(|_| unreachable!("N tensors")))
+    args.iter().map(|t| t.to_device(&target)).collect()
 }
 
 fn eval(op: &Op, args: &[Option<&CTensor>], device: &CDevice) -> CResult<CTensor> {
@@ -918,10 +909,7 @@ fn eval(op: &Op, args: &[Option<&CTensor>], device: &CDevice) -> CResult<CTensor
             x.permute(perm)
         }
         Op::Unsqueeze { axes } => {
-            let axes = match axes {
-                Some(a) => a.clone(),
-                None => host_ints(arg(1)?)?,
-            };
+            let axes = axes_of(axes, args)?.ok_or_else(|| candle_core::Error::Msg("Unsqueeze without axes".into()))?;
             let rank = x.rank() + axes.len();
             let mut axes = axes.iter().map(|&a| axis_of(a, rank)).collect::<CResult<Vec<_>>>()?;
             axes.sort_unstable();
@@ -932,10 +920,9 @@ fn eval(op: &Op, args: &[Option<&CTensor>], device: &CDevice) -> CResult<CTensor
             Ok(y)
         }
         Op::Squeeze { axes } => {
-            let axes = match (axes, args.get(1).copied().flatten()) {
-                (Some(a), _) => a.clone(),
-                (None, Some(t)) => host_ints(t)?,
-                (None, None) => (0..x.rank() as i64).filter(|&d| x.dims()[d as usize] == 1).collect(),
+            let axes = match axes_of(axes, args)? {
+                Some(a) => a,
+                None => (0..x.rank() as i64).filter(|&d| x.dims()[d as usize] == 1).collect(),
             };
             let mut axes = axes.iter().map(|&a| axis_of(a, x.rank())).collect::<CResult<Vec<_>>>()?;
             axes.sort_unstable();
@@ -971,8 +958,7 @@ fn eval(op: &Op, args: &[Option<&CTensor>], device: &CDevice) -> CResult<CTensor
         }
         &Op::Concat { axis } => {
             let parts: Vec<&CTensor> = args.iter().copied().flatten().collect();
-            let target = if parts.iter().any(|t| !t.device().is_cpu()) { device.clone() } else { CDevice::Cpu };
-            let parts = parts.iter().map(|t| t.to_device(&target)).collect::<CResult<Vec<_>>>()?;
+            let parts = on_one_device(&parts, device)?;
             CTensor::cat(&parts, axis_of(axis, x.rank())?)
         }
         &Op::Cast { to, to_bool } => {
@@ -1048,11 +1034,7 @@ fn eval(op: &Op, args: &[Option<&CTensor>], device: &CDevice) -> CResult<CTensor
         }
         Op::GlobalAveragePool => x.mean_keepdim((2..x.rank()).collect::<Vec<_>>()),
         Op::Reduce { mean, axes, keepdims } => {
-            let axes = match (axes, args.get(1).copied().flatten()) {
-                (Some(a), _) => a.clone(),
-                (None, Some(t)) => host_ints(t)?,
-                (None, None) => (0..x.rank() as i64).collect(),
-            };
+            let axes = axes_of(axes, args)?.unwrap_or_else(|| (0..x.rank() as i64).collect());
             let mut axes = axes.iter().map(|&a| axis_of(a, x.rank())).collect::<CResult<Vec<_>>>()?;
             axes.sort_unstable();
             axes.dedup();

@@ -3,12 +3,13 @@
 //! `cargo test`. The GPU check script (bench/gpu/run.sh) compares larger models the same way.
 #![cfg(feature = "cuda")]
 
-use std::path::PathBuf;
+mod common;
 
-use algolink_engine::{Device, DeviceRequest, LoadOptions, ModelFiles, Tensor, load_model};
+use algolink_engine::{Device, DeviceRequest, LoadOptions, ModelFiles, load_model};
+use common::{fixtures, tensor};
 /// The fixture's files: a safetensors file, or a tar of a model directory (one top folder).
 fn unpack_fixture(name: &str) -> ModelFiles {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    let path = fixtures().join(name);
     let data = std::fs::read(&path).unwrap();
     if !name.ends_with(".tar") {
         return ModelFiles::from([(name.to_string(), data.into())]);
@@ -25,18 +26,6 @@ fn unpack_fixture(name: &str) -> ModelFiles {
     files
 }
 
-fn tensor(v: &serde_json::Value) -> Tensor {
-    let shape: Vec<usize> = v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
-    let data = v["data"].as_array().unwrap();
-    match v["datatype"].as_str().unwrap() {
-        "FP32" => Tensor::from_f32(shape, &data.iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>()),
-        "INT64" => Tensor::from_i64(shape, &data.iter().map(|x| x.as_i64().unwrap()).collect::<Vec<_>>()),
-        "BYTES" => Tensor::from_bytes(shape, data.iter().map(|x| x.as_str().unwrap().as_bytes().to_vec()).collect()),
-        other => panic!("fixture datatype {other}"),
-    }
-    .unwrap()
-}
-
 #[test]
 fn candle_models_on_cuda_match_their_references() {
     let device = DeviceRequest::Cuda(0).resolve().expect("this test needs a GPU (cuda:0)");
@@ -45,7 +34,7 @@ fn candle_models_on_cuda_match_their_references() {
     for (file, reference) in [("st_mlp.safetensors", "st_mlp"), ("st_bert.tar", "st_bert"), ("st_text.tar", "st_text")]
     {
         let model = load_model(&unpack_fixture(file), &options).unwrap_or_else(|e| panic!("{file}: {e}"));
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/fixtures/{reference}.json"));
+        let path = fixtures().join(format!("{reference}.json"));
         let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let inputs = r["inputs"].as_array().unwrap().iter().map(tensor).collect();
         let outputs = model.run(model.preprocess(inputs).unwrap()).unwrap();
@@ -97,7 +86,7 @@ fn onnx_exports_run_on_cuda_as_a_candle_plan() {
         let files = unpack_fixture(&format!("{name}.onnx"));
         let model = load_model(&files, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(model.signature().platform, "candle_onnx", "{name} runs on the GPU");
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/fixtures/{name}.json"));
+        let path = fixtures().join(format!("{name}.json"));
         let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let outputs = model.run(r["inputs"].as_array().unwrap().iter().map(tensor).collect()).unwrap();
         let want = tensor(&r["outputs"][0]);

@@ -1,25 +1,11 @@
 //! ONNX graphs compiled into candle operations (the path ONNX models take on a GPU), run here on
 //! the CPU: against the exporting library's outputs and against tract on the same batches.
 
-use std::path::PathBuf;
+mod common;
 
 use algolink_engine::{DataType, EngineError, LoadOptions, Model, ModelFiles, OnnxBackend, Tensor, load_model};
+use common::{fixtures, tensor};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<usize> = v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
-    let data = v["data"].as_array().unwrap();
-    match v["datatype"].as_str().unwrap() {
-        "FP32" => Tensor::from_f32(shape, &data.iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>()),
-        "INT64" => Tensor::from_i64(shape, &data.iter().map(|x| x.as_i64().unwrap()).collect::<Vec<_>>()),
-        other => panic!("fixture datatype {other}"),
-    }
-    .unwrap()
-}
 
 fn load(name: &str, backend: OnnxBackend) -> Result<std::sync::Arc<dyn Model>, EngineError> {
     let bytes = std::fs::read(fixtures().join(format!("{name}.onnx"))).unwrap();

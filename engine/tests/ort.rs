@@ -5,25 +5,11 @@
 //!         cargo test -p algolink-engine --features ort --test ort
 #![cfg(feature = "ort")]
 
-use std::path::PathBuf;
+mod common;
 
 use algolink_engine::{DataType, LoadOptions, ModelFiles, OnnxBackend, Tensor, load_model};
+use common::{fixtures, tensor};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<usize> = v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
-    let data = v["data"].as_array().unwrap();
-    match v["datatype"].as_str().unwrap() {
-        "FP32" => Tensor::from_f32(shape, &data.iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>()),
-        "INT64" => Tensor::from_i64(shape, &data.iter().map(|x| x.as_i64().unwrap()).collect::<Vec<_>>()),
-        other => panic!("fixture datatype {other}"),
-    }
-    .unwrap()
-}
 
 #[test]
 fn onnx_runtime_matches_the_exporters() {
