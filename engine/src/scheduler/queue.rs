@@ -162,7 +162,12 @@ impl<T: Waiting> BatchQueue<T> {
             if let Some(latency) = finish.map(|f| f.saturating_duration_since(entry.enqueued)) {
                 let predicted = latency.mul_f64(self.adaptive.calibration.factor());
                 let allowed = deadline.mul_f64(ADMISSION_HEADROOM);
-                if predicted > allowed {
+                // Nothing queued, handed over or running: the request runs at once whatever the
+                // prediction says. Refusing it would also starve the correction of the answers
+                // that bring it down: once a high correction refused a lone request, it refused
+                // every request after it (seen: a closed loop at c=64 got 20028 refusals in a row).
+                let idle = self.rows == 0 && self.adaptive.busy_until.is_none() && self.adaptive.handed_over_rows == 0;
+                if predicted > allowed && !idle {
                     return Err((PushError::WouldMissDeadline { predicted, deadline: allowed }, entry));
                 }
                 prediction = Some(Prediction { latency, calibrated: predicted, deadline });
@@ -581,6 +586,14 @@ mod tests {
         q3.adaptive.calibration.observe(a, a.latency.mul_f64(1.5));
         let late = q3.push(entry("a", 0, None)).unwrap_err().0;
         assert!(matches!(late, PushError::WouldMissDeadline { predicted, .. } if predicted > ms(50)), "{late:?}");
+        // On an idle device with nothing queued, a lone request runs whatever the correction says
+        // (its answer is what brings the correction down): t(4) x 4 = 56 ms > 42.5, admitted.
+        q3.adaptive.busy_until = None;
+        q3.adaptive.calibration.observe(a, a.latency.mul_f64(4.0));
+        let lone = q3.push(entry("lone", 0, None)).unwrap().unwrap();
+        assert!(lone.calibrated > ms(50), "{lone:?}");
+        // Behind it, the same prediction is refused.
+        assert!(q3.push(entry("behind", 0, None)).is_err());
         // While the device runs 8 rows, the next batch takes at most half the system's 16 rows.
         q.adaptive.running_rows = 8;
         let next = q.next_batch(t0 + ms(1));
