@@ -23,7 +23,11 @@ step = 25
 interval_s = 0.5
 max_weight = 50
 deadline_s = 30
-gates = { min_requests = 20, max_p99_ratio = 1.5, p99_slack_ms = 5.0 }
+# 15 ms of slack: with ~20 requests a window, p99 is the window's slowest request, and on two
+# cores with PostgreSQL and the S3 server beside it a healthy canary (the control's own file) had
+# one request 9-11 ms over the control's p99 in 2 fresh-clone CI runs of 3 (gates of 10.2 and
+# 16.3 ms at 5 ms of slack). The slow canary's p99: 43.7-64.6 ms against a control's 2.6-3.6 ms.
+gates = { min_requests = 20, max_p99_ratio = 1.5, p99_slack_ms = 15.0 }
 "#;
 
 fn request() -> String {
