@@ -8,7 +8,8 @@
 #    (the candle plan on the GPU against tract on the CPU).
 # 2. Engine throughput and batch-1 latency on the GPU, against PyTorch eager on the same GPU
 #    (want AlgoLink batch-1 <= 1.2x eager).
-# 3. Served: the server on cuda:0, concurrency 1 and 64, against the best offline rate (want >= 0.9).
+# 3. Served: the server on cuda:0, concurrency 1 and 64, against the best offline rate (want >= 0.9);
+#    the MLP also on two executor instances (two streams), at concurrency 64.
 #
 # Prepare here (no GPU needed): bench/gpu/prepare.sh builds the cuda binaries with
 # ../shared/gpu/build-cuda and packs them into bench/gpu/bin.tgz (ignored by git; carry it).
@@ -40,14 +41,16 @@ bin=$work/bin
   # The MLP as ONNX: the candle plan on cuda:0 against tract on the CPU.
   [[ -f $work/mlp.onnx ]] && DEVICE=cuda:0 "$bin/offline" "$work/mlp.onnx" 1,8,32,128 2
 
-  printf '[defaults]\ndevice = "cuda:0"\nwarmup_batch_sizes = [1, 2, 4, 8, 16, 32, 64]\n' >"$work/gpu.toml"
+  printf '[defaults]\ndevice = "cuda:0"\nwarmup_batch_sizes = [1, 2, 4, 8, 16, 32, 64]\n[models.mlp2]\ninstances = 2\n' >"$work/gpu.toml"
   "$bin/algolink" serve --config "$work/gpu.toml" --data "$work/data" --http 127.0.0.1:18500 >"$out/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 300); do curl -sf 127.0.0.1:18500/v2/health/ready >/dev/null && break; sleep 0.2; done
   curl -sf --data-binary @"$work/mlp.safetensors" 127.0.0.1:18500/v1/models/mlp/versions >/dev/null
   curl -sf --data-binary @"$work/encoder.tar" 127.0.0.1:18500/v1/models/encoder/versions >/dev/null
+  curl -sf --data-binary @"$work/mlp.safetensors" 127.0.0.1:18500/v1/models/mlp2/versions >/dev/null
   "$bin/algolink-bench" --url http://127.0.0.1:18500 --model mlp --request "$work/mlp.json" -c 1,64 --binary --label served-mlp
   "$bin/algolink-bench" --url http://127.0.0.1:18500 --model encoder --request "$work/text.json" -c 1,64 --label served-encoder
+  "$bin/algolink-bench" --url http://127.0.0.1:18500 --model mlp2 --request "$work/mlp.json" -c 64 --binary --label served-mlp-2-instances
 } | tee "$out/results.jsonl"
 
 "$py" - "$out/results.jsonl" <<'PY' | tee "$out/summary.txt"
@@ -66,6 +69,11 @@ for model, key in [("mlp.safetensors", "mlp"), ("encoder.tar", "encoder")]:
           f" = {b1['ms_per_batch'] / eager['torch-eager-' + key]:.2f}x (want <= 1.2)")
     print(f"{key}: served at c={sat['concurrency']} {sat['rps']:.0f} req/s vs offline best {best['rows_per_s']:.0f} rows/s"
           f" (batch {best['batch']}) = {sat['rps'] / best['rows_per_s']:.2f} (want >= 0.9)")
+two = [r for r in rows if r.get("label") == "served-mlp-2-instances"]
+one = [r for r in rows if r.get("label") == "served-mlp" and r["concurrency"] == 64]
+if two and one:
+    print(f"mlp on 2 instances: served at c=64 {two[0]['rps']:.0f} req/s vs 1 instance {one[0]['rps']:.0f} req/s"
+          f" = {two[0]['rps'] / one[0]['rps']:.2f}x")
 onnx = [r for r in rows if r.get("model", "").endswith("mlp.onnx") and r.get("device") == "cuda:0"]
 if onnx:
     b1 = next(r for r in onnx if r["batch"] == 1)

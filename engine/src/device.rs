@@ -78,6 +78,14 @@ fn cuda_available(_ordinal: usize) -> bool {
 }
 
 impl Device {
+    /// The device a candle device is.
+    pub(crate) fn of(device: &candle_core::Device) -> Device {
+        match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => Device::Cuda(gpu_id),
+            _ => Device::Cpu,
+        }
+    }
+
     pub(crate) fn candle(self) -> Result<candle_core::Device, EngineError> {
         match self {
             Device::Cpu => Ok(candle_core::Device::Cpu),

@@ -22,7 +22,8 @@ pub mod text;
 pub use device::{Device, DeviceRequest};
 pub use error::EngineError;
 pub use load::{
-    LoadOptions, ModelFiles, OnnxBackend, SYNTHETIC_SEQ_LEN, SYNTHETIC_TEXT, load_model, warm_up, zero_inputs,
+    LoadOptions, ModelFiles, OnnxBackend, SYNTHETIC_SEQ_LEN, SYNTHETIC_TEXT, load_instances, load_model, warm_up,
+    zero_inputs,
 };
 pub use model::{Model, Signature, TensorSpec};
 pub use scheduler::{BatchConfig, InferRequest, Scheduler};

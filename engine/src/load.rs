@@ -51,6 +51,9 @@ pub struct LoadOptions {
     /// The configuration said `auto`: a version that does not fit the GPU's free memory loads on
     /// the CPU instead of being refused.
     pub cpu_fallback: bool,
+    /// Copies of the weights the GPU must have room for (this one and those loaded after it, see
+    /// [`load_instances`]).
+    pub copies: usize,
 }
 
 impl Default for LoadOptions {
@@ -61,6 +64,7 @@ impl Default for LoadOptions {
             max_batch_size: 64,
             onnx_backend: OnnxBackend::Tract,
             cpu_fallback: false,
+            copies: 1,
         }
     }
 }
@@ -78,6 +82,26 @@ pub fn load_model(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
             .unwrap_or_else(|| "no message".into());
         Err(EngineError::InvalidModel(format!("the model's files broke the importer ({why}): the file is malformed")))
     })
+}
+
+/// Loads `instances` copies of a version, one per executor (see [`Scheduler`](crate::Scheduler)):
+/// each holds its own state (tract's plans, a GPU's weights and stream), so none waits on another.
+/// Copies after the first go where the first went, without falling back: a version whose copies
+/// would not all fit the GPU is refused (or, `auto`, loads on the CPU) as a whole, before the
+/// first copy is placed; a GPU version never runs half on the CPU.
+pub fn load_instances(
+    files: &ModelFiles,
+    options: &LoadOptions,
+    instances: usize,
+) -> Result<Vec<Arc<dyn Model>>, EngineError> {
+    let instances = instances.max(1);
+    let first = load_model(files, &LoadOptions { copies: instances, ..options.clone() })?;
+    let rest = LoadOptions { device: first.device(), cpu_fallback: false, copies: 1, ..options.clone() };
+    let mut all = vec![first];
+    for _ in 1..instances {
+        all.push(load_model(files, &rest)?);
+    }
+    Ok(all)
 }
 
 fn load_unguarded(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn Model>, EngineError> {
@@ -159,7 +183,14 @@ fn load_onnx(bytes: &[u8], options: &LoadOptions) -> Result<Arc<dyn Model>, Engi
 /// room, else the CPU when the configuration allows it; otherwise a `DeviceMemory` error before
 /// anything is allocated.
 fn place(options: &LoadOptions, weight_bytes: u64) -> Result<Device, EngineError> {
-    match options.device.check_room(weight_bytes) {
+    let copies = options.copies.max(1);
+    let room = options.device.check_room(weight_bytes.saturating_mul(copies as u64)).map_err(|e| match e {
+        EngineError::DeviceMemory(why) if copies > 1 => {
+            EngineError::DeviceMemory(format!("{why} (weights of {copies} instances, each with its own copy)"))
+        }
+        e => e,
+    });
+    match room {
         Ok(()) => Ok(options.device),
         Err(EngineError::DeviceMemory(why)) if options.cpu_fallback => {
             tracing::warn!("{why}; loading on the CPU instead (device = \"auto\")");

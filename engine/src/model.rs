@@ -1,6 +1,6 @@
 use serde::Serialize;
 
-use crate::{DataType, EngineError, Tensor};
+use crate::{DataType, Device, EngineError, Tensor};
 
 /// Name, type and shape of one input or output; `-1` marks a variable dimension.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -83,6 +83,11 @@ impl Signature {
 /// every output in signature order, each with the batch's rows along dim 0.
 pub trait Model: Send + Sync {
     fn signature(&self) -> &Signature;
+    /// Where it runs: a GPU version that did not fit (device `auto`) or whose operators the GPU
+    /// plan lacks runs on the CPU.
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
     /// Builds whatever the model builds per batch size (tract's concrete plans) for batches of up
     /// to `max_batch_size` rows, once, before the version takes traffic; nothing is built later.
     fn prepare(&self, _max_batch_size: usize) {}

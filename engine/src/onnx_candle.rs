@@ -20,7 +20,7 @@ use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
 use tract_onnx::prelude::Framework;
 
 use crate::model::{Model, Signature, TensorSpec};
-use crate::{DataType, EngineError, Tensor as HostTensor, TensorData};
+use crate::{DataType, Device, EngineError, Tensor as HostTensor, TensorData};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -283,6 +283,10 @@ impl CandleOnnx {
 impl Model for CandleOnnx {
     fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    fn device(&self) -> Device {
+        Device::of(&self.device)
     }
 
     fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {

@@ -248,6 +248,10 @@ impl Model for MlpModel {
         &self.signature
     }
 
+    fn device(&self) -> Device {
+        Device::of(&self.device)
+    }
+
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
         let x = &inputs[0];
         let mut h = CTensor::from_raw_buffer(x.raw()?, DType::F32, &x.shape, &self.device).map_err(candle_err)?;
@@ -326,6 +330,10 @@ impl BertEncoder {
 impl Model for BertEncoder {
     fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    fn device(&self) -> Device {
+        Device::of(&self.device)
     }
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {

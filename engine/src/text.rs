@@ -144,6 +144,10 @@ impl Model for TextModel {
         &self.signature
     }
 
+    fn device(&self) -> crate::Device {
+        self.inner.device()
+    }
+
     fn prepare(&self, max_batch_size: usize) {
         self.inner.prepare(max_batch_size)
     }

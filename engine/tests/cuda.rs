@@ -5,7 +5,7 @@
 
 mod common;
 
-use algolink_engine::{Device, DeviceRequest, LoadOptions, ModelFiles, load_model};
+use algolink_engine::{Device, DeviceRequest, LoadOptions, ModelFiles, load_instances, load_model};
 use common::{fixtures, tensor};
 /// The fixture's files: a safetensors file, or a tar of a model directory (one top folder).
 fn unpack_fixture(name: &str) -> ModelFiles {
@@ -98,4 +98,37 @@ fn onnx_exports_run_on_cuda_as_a_candle_plan() {
     // ai.onnx.ml models have no GPU plan: they run on the CPU through tract.
     let iris = load_model(&unpack_fixture("iris_logreg.onnx"), &options).unwrap();
     assert_eq!(iris.signature().platform, "onnx_onnxv1");
+}
+
+#[test]
+fn instances_each_hold_their_weights_on_the_gpu_and_run_at_once() {
+    let device = Device::Cuda(0);
+    let free = || device.memory().unwrap().expect("a GPU reports its memory").0 as i64;
+    let options = LoadOptions { device, ..LoadOptions::default() };
+    drop(load_model(&big_mlp(), &options).unwrap());
+    let before = free();
+    let instances = load_instances(&big_mlp(), &options, 2).unwrap();
+    assert!(instances.iter().all(|m| m.device() == device));
+    let mib = |b: i64| b / (1 << 20);
+    assert!(before - free() >= 256 << 20, "two copies took only {} MiB", mib(before - free()));
+    // Both run a batch from their own threads (own per-thread streams) and agree.
+    let x = algolink_engine::Tensor::from_f32(vec![8, 4096], &vec![0.5; 8 * 4096]).unwrap();
+    let outputs: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let runs: Vec<_> = instances
+            .iter()
+            .map(|m| {
+                let x = x.clone();
+                s.spawn(move || m.run(vec![x]).unwrap()[0].to_f32().unwrap())
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(outputs[0], outputs[1]);
+    // Copies that would not all fit are refused as a whole, naming the instances.
+    let (_, total) = device.memory().unwrap().unwrap();
+    let copies = (total / (128 << 20)) as usize + 1;
+    let err = load_instances(&big_mlp(), &options, copies).err().expect("more copies than the GPU holds");
+    assert!(err.to_string().contains(&format!("weights of {copies} instances")), "{err}");
+    drop(instances);
+    assert!((free() - before).abs() <= 16 << 20, "unloading both gave back all but {} MiB", mib(before - free()));
 }

@@ -206,7 +206,12 @@ async fn metadata(st: &AppState, name: &str, version: Option<u64>) -> Result<axu
         "platform": sig.platform,
         "inputs": sig.inputs.iter().map(spec_json).collect::<Vec<_>>(),
         "outputs": sig.outputs.iter().map(spec_json).collect::<Vec<_>>(),
-        "parameters": { "version": v.to_string(), "max_batch_size": s.scheduler.config().max_batch_size },
+        "parameters": {
+            "version": v.to_string(),
+            "max_batch_size": s.scheduler.config().max_batch_size,
+            "device": s.scheduler.model().device().to_string(),
+            "instances": s.scheduler.instances(),
+        },
     })))
 }
 

@@ -173,6 +173,9 @@ impl Default for ServerSection {
 pub struct ModelSettings {
     /// `auto`, `cpu` or `cuda:N`.
     pub device: String,
+    /// Executors per loaded version (Triton's instance group): each its own copy of the model, on
+    /// a GPU its own stream, so that several batches run at once.
+    pub instances: usize,
     pub max_batch_size: usize,
     pub max_queue_delay_us: u64,
     pub preferred_batch_sizes: Vec<usize>,
@@ -207,6 +210,7 @@ impl Default for ModelSettings {
     fn default() -> Self {
         ModelSettings {
             device: "auto".into(),
+            instances: 1,
             max_batch_size: 64,
             max_queue_delay_us: 0,
             preferred_batch_sizes: Vec::new(),
@@ -256,6 +260,7 @@ impl PolicySetting {
 #[serde(deny_unknown_fields)]
 pub struct ModelOverrides {
     pub device: Option<String>,
+    pub instances: Option<usize>,
     pub max_batch_size: Option<usize>,
     pub max_queue_delay_us: Option<u64>,
     pub preferred_batch_sizes: Option<Vec<usize>>,
@@ -340,6 +345,7 @@ impl Config {
         if let Some(o) = self.models.get(name) {
             let o = o.clone();
             s.device = o.device.unwrap_or(s.device);
+            s.instances = o.instances.unwrap_or(s.instances);
             s.max_batch_size = o.max_batch_size.unwrap_or(s.max_batch_size);
             s.max_queue_delay_us = o.max_queue_delay_us.unwrap_or(s.max_queue_delay_us);
             s.preferred_batch_sizes = o.preferred_batch_sizes.unwrap_or(s.preferred_batch_sizes);
@@ -355,9 +361,13 @@ impl Config {
     }
 }
 
+/// Each instance is a thread and a copy of the weights: more than this is a typo, not a plan.
+const MAX_INSTANCES: usize = 64;
+
 impl ModelSettings {
     fn check(&self) -> anyhow::Result<()> {
         self.device.parse::<DeviceRequest>()?;
+        anyhow::ensure!((1..=MAX_INSTANCES).contains(&self.instances), "instances must be in 1..={MAX_INSTANCES}");
         anyhow::ensure!(self.max_batch_size >= 1, "max_batch_size must be at least 1");
         anyhow::ensure!(self.max_queue_size >= 1, "max_queue_size must be at least 1");
         anyhow::ensure!(self.max_batch_tokens >= 1, "max_batch_tokens must be at least 1");
@@ -441,6 +451,8 @@ mod tests {
         assert!(Config::parse("[[webhooks]]\nurl = \"ftp://x\"").is_err());
         assert!(Config::parse("[defaults]\nmode = \"greedy\"").is_err());
         assert!(Config::parse("[defaults]\nlatency_slo_ms = 0").is_err());
+        assert!(Config::parse("[models.a]\ninstances = 0").unwrap_err().to_string().contains("instances"));
+        assert_eq!(Config::parse("[models.a]\ninstances = 2").unwrap().settings_for("a").instances, 2);
         let adaptive = Config::parse("[models.a]\nmode = \"adaptive\"\nlatency_slo_ms = 20").unwrap();
         assert_eq!(adaptive.settings_for("a").batch_config().latency_slo, Some(Duration::from_millis(20)));
         assert_eq!(adaptive.settings_for("b").batch_config().latency_slo, None);

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use algolink_engine::{DeviceRequest, LoadOptions, Model, Scheduler, Stats, load_model};
+use algolink_engine::{DeviceRequest, LoadOptions, Model, Scheduler, Stats, load_instances};
 use algolink_registry::lifecycle::ModelPolicy;
 use algolink_registry::lifecycle::rollout::Rollout;
 use algolink_registry::lifecycle::stats::TrafficTotals;
@@ -16,6 +16,9 @@ use tokio::io::AsyncRead;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::lifecycle::{Assignments, LiveExperiment, Mark, Routing, ShadowStats, TrafficStats, build_routing, now_ms};
+
+/// One loaded version's copies, one per executor instance.
+type Instances = Vec<Arc<dyn Model>>;
 
 /// Traffic marks per version.
 pub(crate) type VersionMarks = BTreeMap<u64, Mark>;
@@ -332,7 +335,8 @@ impl AppState {
         Ok(self.registry.version(name, record.version).await?)
     }
 
-    async fn load_files(&self, name: &str, files: algolink_engine::ModelFiles) -> Result<Arc<dyn Model>, ApiError> {
+    /// Loads the version's files as the model's settings say: one copy per executor instance.
+    async fn load_files(&self, name: &str, files: algolink_engine::ModelFiles) -> Result<Instances, ApiError> {
         let settings = self.config.settings_for(name);
         let request = settings.device();
         let options = LoadOptions {
@@ -341,21 +345,23 @@ impl AppState {
             warmup_batch_sizes: settings.warmup_batch_sizes.clone(),
             max_batch_size: settings.max_batch_size,
             onnx_backend: settings.onnx_backend,
+            copies: 1,
         };
-        tokio::task::spawn_blocking(move || load_model(&files, &options))
+        let instances = settings.instances;
+        tokio::task::spawn_blocking(move || load_instances(&files, &options, instances))
             .await
             .map_err(|e| ApiError::Internal(format!("loader crashed: {e}")))?
             .map_err(ApiError::from)
     }
 
-    async fn load_version(&self, record: &VersionRecord) -> Result<Arc<dyn Model>, ApiError> {
+    async fn load_version(&self, record: &VersionRecord) -> Result<Instances, ApiError> {
         let files = self.registry.files(record, self.artifact_limits()).await?;
         self.load_files(&record.name, files).await
     }
 
     /// Brings the loaded versions of `name` in line with its policy (availability-preserving:
     /// new versions are loaded and take traffic before old ones are removed).
-    pub async fn reconcile(&self, name: &str, preloaded: Option<(u64, Arc<dyn Model>)>) -> Result<(), ApiError> {
+    pub async fn reconcile(&self, name: &str, preloaded: Option<(u64, Instances)>) -> Result<(), ApiError> {
         let _guard = self.lifecycle.lock().await;
         self.reconcile_locked(name, preloaded).await
     }
@@ -363,7 +369,7 @@ impl AppState {
     pub(crate) async fn reconcile_locked(
         &self,
         name: &str,
-        mut preloaded: Option<(u64, Arc<dyn Model>)>,
+        mut preloaded: Option<(u64, Instances)>,
     ) -> Result<(), ApiError> {
         let settings = self.config.settings_for(name);
         let (versions, aliases) = match self.registry.model(name).await {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use algolink_tests::TestServer;
+use algolink_tests::{TestServer, reference};
 use serde_json::{Value, json};
 
 fn iris_body() -> String {
@@ -134,6 +134,32 @@ async fn adaptive_batching_runs_a_lone_request_at_once_and_grows_batches_under_l
         "nothing shed under a loose objective"
     );
     assert!(metrics.contains("algolink_batch_model_seconds{model=\"encoder\",version=\"1\",term=\"per_row\"}"));
+    Arc::try_unwrap(server).ok().expect("clients done").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_serve_one_version_with_batches_under_load() {
+    let config = "[models.encoder]\ninstances = 2\nmode = \"adaptive\"\nlatency_slo_ms = 5000\n\
+                  [models.iris]\ninstances = 3";
+    let server = Arc::new(TestServer::start(config).await);
+    server.push("encoder", "torch_bert.onnx").await;
+    let (_, meta) = server.get("/v2/models/encoder").await;
+    let meta: Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!((&meta["parameters"]["instances"], &meta["parameters"]["device"]), (&json!(2), &json!("cpu")), "{meta}");
+    // Batches still form with two executors taking them (each a third of the rows in the system).
+    let mean = mean_batch_at_concurrency_32(&server).await;
+    println!("adaptive, 2 instances: mean executed batch size {mean:.1} at concurrency 32");
+    assert!(mean > 2.0, "mean executed batch size {mean:.1} at concurrency 32");
+    // Every copy answers alike: the reference's outputs, whichever instance ran them.
+    server.push("iris", "iris_logreg.onnx").await;
+    let r = reference("iris_logreg");
+    let request = json!({ "inputs": r["inputs"] });
+    let answers =
+        futures_util::future::join_all((0..24).map(|_| server.infer("/v2/models/iris/infer", &request))).await;
+    for (status, answer) in answers {
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["outputs"][0]["data"], r["outputs"][0]["data"]);
+    }
     Arc::try_unwrap(server).ok().expect("clients done").stop().await;
 }
 

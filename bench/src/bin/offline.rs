@@ -38,8 +38,14 @@ fn main() -> anyhow::Result<()> {
     };
     let device = std::env::var("DEVICE").unwrap_or_else(|_| "cpu".into()).parse::<DeviceRequest>()?.resolve()?;
     let max_batch_size = sizes.iter().copied().max().unwrap_or(1);
-    let options =
-        LoadOptions { device, warmup_batch_sizes: sizes.clone(), max_batch_size, onnx_backend, cpu_fallback: false };
+    let options = LoadOptions {
+        device,
+        warmup_batch_sizes: sizes.clone(),
+        max_batch_size,
+        onnx_backend,
+        cpu_fallback: false,
+        copies: 1,
+    };
     let model = load_model(&files, &options)?;
     let cpu = match device {
         Device::Cpu => None,

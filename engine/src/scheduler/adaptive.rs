@@ -1,18 +1,21 @@
 //! Adaptive batching: what the batcher learns (execution time as a function of batch size, the
 //! arrival rate) and the choice it makes from it. Pure: no clock, no IO; table-tested.
 //!
-//! The choice, at each decision, for a queue holding `n` rows:
-//! - the device is busy: form the next batch now, so that it waits in the hand-over slot and the
-//!   device never idles between batches; it takes at most half of the rows in the system
-//!   (running + queued, [`Adaptive::batch_limit`]), which keeps the two batches in flight
-//!   balanced: with closed-loop clients, one half makes its round trip through HTTP while the
-//!   other runs (measured: a single group of every client leaves the device idle during that
-//!   round trip, and unbalanced groups waste the small one's fixed cost);
-//! - the device is idle: run now if `n` rows cover what arrives while they run (`n ≥ λ·t(n)`:
-//!   the queue cannot grow, so waiting only adds latency; a lone request on an idle server never
-//!   waits). Otherwise wait for the batch size `b*` that does (`b* = λ·t(b*)`, with
-//!   `t(b) = a + c·b` fitted online), but never so long that the oldest request would miss the
-//!   latency objective, and never past the limit.
+//! The version runs on `N` executor instances (Triton's instance group: each its own copy of the
+//! model, on a GPU its own stream), so `N` batches can run at once and one more waits, formed, in
+//! the hand-over slot. The choice, at each decision, for a queue holding `n` rows:
+//! - every instance is busy: form the next batch now, so that it waits in the hand-over slot and
+//!   no instance idles between batches; it takes at most `1/(N+1)` of the rows in the system
+//!   (running + queued, [`Adaptive::batch_limit`]), which keeps the batches in flight balanced:
+//!   with closed-loop clients, one share makes its round trip through HTTP while the others run
+//!   (measured with one instance: a single group of every client leaves the device idle during
+//!   that round trip, and unbalanced groups waste the small one's fixed cost);
+//! - an instance is idle: run now if `n` rows cover what arrives for it while they run
+//!   (`n ≥ λ·t(n)/N`: the queue cannot grow, so waiting only adds latency; a lone request on an
+//!   idle server never waits). Otherwise wait for the batch size `b*` that does
+//!   (`b* = λ·t(b*)/N`, with `t(b) = a + c·b` fitted online from batches as they ran, beside
+//!   each other when `N > 1`), but never so long that the oldest request would miss the latency
+//!   objective, and never past the limit.
 //!
 //! BentoML's dispatcher fits the same linear model; unlike it, the wait here is bounded by the
 //! objective for the oldest request, counts rows rather than requests, and refuses early only a
@@ -192,19 +195,31 @@ impl Calibration {
     }
 }
 
+/// A batch running on an executor instance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Running {
+    /// When it is predicted to finish.
+    pub until: Instant,
+    pub rows: usize,
+}
+
 /// What adaptive mode knows at a decision.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Adaptive {
     pub latency: LatencyModel,
     pub arrivals: ArrivalRate,
     pub calibration: Calibration,
-    /// When the batch on the device is predicted to finish (`None`: the device is idle).
-    pub busy_until: Option<Instant>,
-    /// Rows of the batch on the device (0 when idle).
-    pub running_rows: usize,
-    /// Rows of the batch formed and handed to the executor but not started (the prefetched
-    /// one): it runs before anything still queued.
+    /// Per executor instance, the batch on it (`None`: idle); never empty.
+    pub running: Vec<Option<Running>>,
+    /// Rows of the batch formed and handed to the executors but not started (the prefetched
+    /// one): it runs on the first instance to be free, before anything still queued.
     pub handed_over_rows: usize,
+}
+
+impl Default for Adaptive {
+    fn default() -> Adaptive {
+        Adaptive::with_instances(1)
+    }
 }
 
 /// The adaptive choice for the queue's candidate batch.
@@ -215,11 +230,36 @@ pub enum Plan {
 }
 
 impl Adaptive {
-    /// The most rows the next batch should take: half of what is in the system (running and
-    /// queued), so that the batch on the device and the next one stay balanced and the device
-    /// never waits on the other half's round trip through HTTP.
+    /// State for a version on `instances` executors (at least one).
+    pub fn with_instances(instances: usize) -> Adaptive {
+        Adaptive {
+            latency: LatencyModel::default(),
+            arrivals: ArrivalRate::default(),
+            calibration: Calibration::default(),
+            running: vec![None; instances.max(1)],
+            handed_over_rows: 0,
+        }
+    }
+
+    pub fn instances(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Rows on the instances now.
+    pub fn running_rows(&self) -> usize {
+        self.running.iter().flatten().map(|r| r.rows).sum()
+    }
+
+    /// Whether every instance runs a batch.
+    pub fn all_busy(&self) -> bool {
+        self.running.iter().all(Option::is_some)
+    }
+
+    /// The most rows the next batch should take: `1/(N+1)` of what is in the system (running and
+    /// queued) for `N` instances, so that the batches on the instances and the next one stay
+    /// balanced and no instance waits on another share's round trip through HTTP.
     pub fn batch_limit(&self, queued_rows: usize, max_batch: usize) -> usize {
-        (self.running_rows + queued_rows).div_ceil(2).clamp(1, max_batch)
+        (self.running_rows() + queued_rows).div_ceil(self.instances() + 1).clamp(1, max_batch)
     }
 
     /// `rows`: the candidate batch; `oldest`: when its oldest request arrived.
@@ -227,11 +267,13 @@ impl Adaptive {
         if rows >= max_batch {
             return Plan::Run;
         }
-        if self.busy_until.is_some() {
-            // Prefetch: the next batch waits in the hand-over slot, so the device never idles.
+        if self.all_busy() {
+            // Prefetch: the next batch waits in the hand-over slot, so no instance idles.
             return Plan::Run;
         }
-        let (Some((a, c)), lambda) = (self.latency.coefficients(), self.arrivals.rows_per_second(now)) else {
+        // Each instance serves its share of the arrivals.
+        let lambda = self.arrivals.rows_per_second(now) / self.instances() as f64;
+        let Some((a, c)) = self.latency.coefficients() else {
             return Plan::Run; // nothing learnt yet
         };
         let t = |b: f64| a + c * b;
@@ -253,28 +295,40 @@ impl Adaptive {
         Plan::Wait(now + Duration::from_secs_f64(wait))
     }
 
-    /// When the device is predicted to be free for a batch formed now: after the batch on it and
-    /// the one handed over. `None` before the first execution.
+    /// When an instance is predicted to be free for a batch formed now: after the batch on it,
+    /// and after the one handed over for the instance that takes it. `None` before the first
+    /// execution.
     pub fn device_free_at(&self, now: Instant) -> Option<Instant> {
-        let mut start = self.busy_until.filter(|&b| b > now).unwrap_or(now);
-        if self.handed_over_rows > 0 {
-            start += Duration::from_secs_f64(self.latency.predict(self.handed_over_rows)?);
-        }
-        Some(start)
+        self.free_times(now).map(|free| free.into_iter().min().expect("at least one instance"))
     }
 
-    /// When a request of `rows` would finish if queued now behind `queued_rows`: after the batch
-    /// on the device, in batches of at most `max_batch`. `None` before the first execution.
+    /// When a request of `rows` would finish if queued now behind `queued_rows`: after the
+    /// batches on the instances and the one handed over, in batches of at most `max_batch`, each
+    /// on the first instance free. `None` before the first execution.
     pub fn predicted_finish(&self, now: Instant, queued_rows: usize, rows: usize, max_batch: usize) -> Option<Instant> {
-        let start = self.device_free_at(now)?;
+        let mut free = self.free_times(now)?;
+        let max_batch = max_batch.max(1);
         let ahead = queued_rows + rows;
-        let full_batches = ahead / max_batch.max(1);
-        let rest = ahead % max_batch.max(1);
-        let mut secs = full_batches as f64 * self.latency.predict(max_batch)?;
-        if rest > 0 {
-            secs += self.latency.predict(rest)?;
+        let full = Duration::from_secs_f64(self.latency.predict(max_batch)?);
+        let rest = Duration::from_secs_f64(self.latency.predict(ahead % max_batch)?);
+        let mut finish = now;
+        let batches = (0..ahead / max_batch).map(|_| full).chain((!ahead.is_multiple_of(max_batch)).then_some(rest));
+        for took in batches {
+            let first = free.iter_mut().min().expect("at least one instance");
+            *first += took;
+            finish = *first;
         }
-        Some(start + Duration::from_secs_f64(secs))
+        Some(finish)
+    }
+
+    /// When each instance is free of the batch on it, the handed-over batch going to the first.
+    fn free_times(&self, now: Instant) -> Option<Vec<Instant>> {
+        let mut free: Vec<Instant> = self.running.iter().map(|r| r.map_or(now, |r| r.until.max(now))).collect();
+        if self.handed_over_rows > 0 {
+            let took = Duration::from_secs_f64(self.latency.predict(self.handed_over_rows)?);
+            *free.iter_mut().min().expect("at least one instance") += took;
+        }
+        Some(free)
     }
 }
 
@@ -343,14 +397,14 @@ mod tests {
             r
         };
         let slo = ms(50.0);
-        let state = |busy: Option<f64>, per_s: usize| Adaptive {
+        // One instance per entry: busy until (ms from now), or idle.
+        let on = |busy: &[Option<f64>], per_s: usize| Adaptive {
             latency: fitted(4.0, 0.5),
             arrivals: with_rate(per_s),
-            calibration: Calibration::default(),
-            busy_until: busy.map(|b| t0 + ms(b)),
-            running_rows: 0,
-            handed_over_rows: 0,
+            running: busy.iter().map(|b| b.map(|b| Running { until: t0 + ms(b), rows: 0 })).collect(),
+            ..Adaptive::default()
         };
+        let state = |busy: Option<f64>, per_s: usize| on(&[busy], per_s);
         // (what, state, rows queued, oldest age ms, plan)
         let cases: Vec<(&str, Adaptive, usize, f64, Plan)> = vec![
             ("nothing learnt: run", Adaptive::default(), 1, 0.0, Plan::Run),
@@ -365,6 +419,10 @@ mod tests {
             ("no budget left: run", state(None, 1000), 3, 49.0, Plan::Run),
             // 3000 rows/s: λc = 1.5 ≥ 1, no size keeps up: fill to the max (29 rows / 3000 per s).
             ("overload: fill the batch", state(None, 3000), 3, 0.0, Plan::Wait(t0 + ms(29.0 / 3.0))),
+            // Two instances share 2000 rows/s: the idle one plans as one instance at 1000 rows/s.
+            ("two instances, one idle: its share", on(&[Some(10.0), None], 2000), 3, 0.0, Plan::Wait(t0 + ms(5.0))),
+            ("two instances, one idle, enough rows", on(&[Some(10.0), None], 2000), 8, 0.0, Plan::Run),
+            ("two instances busy: the next is formed now", on(&[Some(10.0), Some(3.0)], 2000), 3, 0.0, Plan::Run),
         ];
         for (what, s, rows, age, want) in cases {
             let got = s.plan(t0, rows, t0 - ms(age), 32, slo);
@@ -376,18 +434,23 @@ mod tests {
                 _ => assert_eq!(got, want, "{what}"),
             }
         }
-        // Half of the rows in the system, at least one, at most the maximum.
+        // 1/(N+1) of the rows in the system for N instances (one row per instance: rows running on
+        // it), at least one, at most the maximum.
         for (running, queued, max, want) in [
-            (0, 1, 64, 1),
-            (0, 64, 64, 32),
-            (32, 32, 64, 32),
-            (21, 43, 64, 32),
-            (8, 3, 64, 6),
-            (0, 200, 64, 64),
-            (0, 0, 8, 1),
+            (&[0][..], 1, 64, 1),
+            (&[0], 64, 64, 32),
+            (&[32], 32, 64, 32),
+            (&[21], 43, 64, 32),
+            (&[8], 3, 64, 6),
+            (&[0], 200, 64, 64),
+            (&[0], 0, 8, 1),
+            (&[0, 0], 64, 64, 22),
+            (&[20, 20], 20, 64, 20),
+            (&[20, 0], 1, 64, 7),
         ] {
-            let s = Adaptive { running_rows: running, ..Adaptive::default() };
-            assert_eq!(s.batch_limit(queued, max), want, "{running} running, {queued} queued");
+            let running = running.iter().map(|&rows| (rows > 0).then_some(Running { until: t0, rows })).collect();
+            let s = Adaptive { running, ..Adaptive::default() };
+            assert_eq!(s.batch_limit(queued, max), want, "{:?} running, {queued} queued", s.running);
         }
         // Predicted finish: busy 10 ms more, then 40 rows ahead in batches of 32: t(32) + t(8).
         let s = state(Some(10.0), 1000);
@@ -400,6 +463,18 @@ mod tests {
         let want = t0 + ms(10.0 + 12.0 + 20.0 + 8.0);
         assert!(finish.max(want) - finish.min(want) < ms(0.01), "{:?}", finish - t0);
         assert_eq!(Adaptive::default().predicted_finish(t0, 0, 1, 32), None);
+        // Two instances, one busy 10 ms more: t(32) = 20 ms on the idle one, t(8) = 8 ms on the
+        // other once free, which ends first; a handed-over batch takes the idle one first.
+        let at = |finish: Instant, want: f64| {
+            let want = t0 + ms(want);
+            assert!(finish.max(want) - finish.min(want) < ms(0.01), "{:?}, want {want:?}", finish - t0);
+        };
+        let s = on(&[Some(10.0), None], 1000);
+        at(s.predicted_finish(t0, 39, 1, 32).unwrap(), 18.0);
+        assert_eq!(s.device_free_at(t0), Some(t0));
+        let s = Adaptive { handed_over_rows: 16, ..on(&[Some(10.0), None], 1000) };
+        at(s.device_free_at(t0).unwrap(), 10.0);
+        at(s.predicted_finish(t0, 39, 1, 32).unwrap(), 12.0 + 8.0);
     }
 
     #[test]

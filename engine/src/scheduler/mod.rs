@@ -1,9 +1,11 @@
-//! One queue and one executor per (model version, device).
+//! One queue and one group of executors per (model version, device).
 //!
 //! Requests enter a [`BatchQueue`] behind a mutex. A batcher task decides when to run (the pure
 //! [`BatchQueue::next_batch`]), merges the chosen requests into one batch along dim 0, and hands it
-//! to the executor thread through a channel of one slot: while the device runs one batch, the next
-//! is formed (prefetch exactly one). The executor splits the outputs back per request.
+//! to the executor threads through a channel of one slot: while the executors run their batches,
+//! the next is formed (prefetch exactly one). Each executor (an *instance*, Triton's instance
+//! group) has its own copy of the model, on a GPU its own stream, so `N` instances run `N` batches
+//! at once; the first free one takes the batch handed over. It splits the outputs back per request.
 
 pub mod adaptive;
 mod queue;
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+pub use adaptive::Running;
 pub use queue::{BatchConfig, BatchQueue, Decision, Entry, Next, PushError, Waiting};
 
 use crate::{EngineError, Model, Stats, Tensor};
@@ -83,37 +86,57 @@ struct Batch {
 }
 
 /// The handle requests go through. Dropping it stops the batcher once the queue is empty and the
-/// executor once its last batch is done.
+/// executors once their last batches are done.
 pub struct Scheduler {
     shared: Arc<Shared>,
     model: Arc<dyn Model>,
+    instances: usize,
     stats: Arc<Stats>,
 }
 
+/// The receiving end of the hand-over slot, shared by the executors: the one holding the lock
+/// waits for the next batch, the others are running theirs or queue behind it.
+type Slot = Arc<Mutex<mpsc::Receiver<Batch>>>;
+
 impl Scheduler {
-    /// Starts the batcher (on the current tokio runtime) and the executor thread.
-    pub fn start(model: Arc<dyn Model>, config: BatchConfig, stats: Arc<Stats>) -> Scheduler {
+    /// Starts the batcher (on the current tokio runtime) and one executor thread per instance:
+    /// `instances` are copies of one version's model (loaded apart, so that none waits on
+    /// another's state or stream); the first answers for the signature and preprocessing.
+    ///
+    /// # Panics
+    /// If `instances` is empty.
+    pub fn start(instances: Vec<Arc<dyn Model>>, config: BatchConfig, stats: Arc<Stats>) -> Scheduler {
+        let model = instances.first().expect("a version runs on at least one instance").clone();
         let pad = model.signature().pad_to_longest;
+        let mut queue = BatchQueue::new(config, pad);
+        queue.adaptive = adaptive::Adaptive::with_instances(instances.len());
         let shared = Arc::new(Shared {
-            queue: Mutex::new(BatchQueue::new(config, pad)),
+            queue: Mutex::new(queue),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             batcher_gone: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel::<Batch>(1);
         tokio::spawn(batcher(shared.clone(), tx, pad, stats.clone()));
-        let exec_model = model.clone();
-        let exec_stats = stats.clone();
-        let exec_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("algolink-executor".into())
-            .spawn(move || executor(exec_model, rx, exec_stats, exec_shared))
-            .expect("spawn executor thread");
-        Scheduler { shared, model, stats }
+        let slot: Slot = Arc::new(Mutex::new(rx));
+        let count = instances.len();
+        for (index, instance) in instances.into_iter().enumerate() {
+            let (slot, stats, shared) = (slot.clone(), stats.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name(format!("algolink-executor-{index}"))
+                .spawn(move || executor(index, instance, slot, stats, shared))
+                .expect("spawn executor thread");
+        }
+        Scheduler { shared, model, instances: count, stats }
     }
 
     pub fn model(&self) -> &Arc<dyn Model> {
         &self.model
+    }
+
+    /// How many executors run this version's batches.
+    pub fn instances(&self) -> usize {
+        self.instances
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -232,7 +255,7 @@ fn shape_key(inputs: &[Tensor]) -> u64 {
 async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats: Arc<Stats>) {
     let _exit = BatcherExit(shared.clone());
     loop {
-        // Wait for the executor's free slot first, so the batch is formed as late as possible.
+        // Wait for the hand-over slot to be free first, so the batch is formed as late as possible.
         let Ok(permit) = tx.reserve().await else { return };
         let entries = loop {
             let next = {
@@ -307,15 +330,16 @@ fn form_batch(entries: Vec<Entry<Pending>>, pad: bool) -> Result<Batch, (EngineE
     Ok(Batch { inputs, rows, replies, singles: inputs_per_req })
 }
 
-fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Stats>, shared: Arc<Shared>) {
-    while let Some(batch) = rx.blocking_recv() {
+/// Instance `index`: takes the batch handed over whenever it is free, until the batcher ends.
+fn executor(index: usize, model: Arc<dyn Model>, slot: Slot, stats: Arc<Stats>, shared: Arc<Shared>) {
+    loop {
+        let Some(batch) = slot.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv() else { return };
         let total: usize = batch.rows.iter().sum();
         let start = Instant::now();
         {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             let took = q.adaptive.latency.predict(total).map(Duration::from_secs_f64);
-            q.adaptive.busy_until = Some(start + took.unwrap_or_default());
-            q.adaptive.running_rows = total;
+            q.adaptive.running[index] = Some(Running { until: start + took.unwrap_or_default(), rows: total });
             q.adaptive.handed_over_rows = 0;
         }
         let result = run_guarded(model.as_ref(), batch.inputs);
@@ -323,15 +347,14 @@ fn executor(model: Arc<dyn Model>, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sta
         stats.record_batch(total, took);
         {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.adaptive.busy_until = None;
-            q.adaptive.running_rows = 0;
+            q.adaptive.running[index] = None;
             q.adaptive.latency.observe(total, took.as_secs_f64());
             if let Some((a, c)) = q.adaptive.latency.coefficients() {
                 stats.fit_base_ns.store((a * 1e9) as u64, Ordering::Relaxed);
                 stats.fit_per_row_ns.store((c * 1e9) as u64, Ordering::Relaxed);
             }
         }
-        // The device is free: the batcher decides again now rather than at its planned time.
+        // An instance is free: the batcher decides again now rather than at its planned time.
         shared.wake.notify_one();
         match result.and_then(|outputs| split_outputs(outputs, &batch.rows)) {
             Ok(per_request) => {
@@ -376,4 +399,77 @@ fn split_outputs(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>
         }
     }
     Ok(per_request)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::{DataType, Signature, TensorSpec};
+
+    /// Echoes its input after `delay`, counting how many of its instances run at once.
+    struct Slow {
+        signature: Signature,
+        delay: Duration,
+        running: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+    }
+
+    impl Model for Slow {
+        fn signature(&self) -> &Signature {
+            &self.signature
+        }
+
+        fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(inputs)
+        }
+    }
+
+    /// Runs 8 one-row requests (one per batch) on `instances` copies of a model that takes 40 ms;
+    /// returns how many ran at once at most, after checking every answer is the request's own.
+    async fn most_at_once(instances: usize) -> usize {
+        let spec = TensorSpec { name: "x".into(), datatype: DataType::F32, shape: vec![-1, 1] };
+        let signature = Signature {
+            platform: "test".into(),
+            inputs: vec![spec.clone()],
+            outputs: vec![spec],
+            pad_to_longest: false,
+        };
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let models: Vec<Arc<dyn Model>> = (0..instances)
+            .map(|_| {
+                let (running, most) = (running.clone(), most.clone());
+                let delay = Duration::from_millis(40);
+                Arc::new(Slow { signature: signature.clone(), delay, running, most }) as Arc<dyn Model>
+            })
+            .collect();
+        let config = BatchConfig { max_batch_size: 1, ..BatchConfig::default() };
+        let scheduler = Arc::new(Scheduler::start(models, config, Arc::new(Stats::default())));
+        assert_eq!(scheduler.instances(), instances);
+        let calls = (0..8).map(|i| {
+            let scheduler = scheduler.clone();
+            tokio::spawn(async move {
+                let x = Tensor::from_f32(vec![1, 1], &[i as f32]).unwrap();
+                let request = InferRequest { inputs: vec![x], priority: 0, timeout: None, arrived: None };
+                let out = scheduler.infer(request).await.unwrap();
+                assert_eq!(out[0].to_f32().unwrap(), vec![i as f32]);
+            })
+        });
+        for call in calls.collect::<Vec<_>>() {
+            call.await.unwrap();
+        }
+        most.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_run_batches_side_by_side() {
+        assert_eq!(most_at_once(1).await, 1, "one instance runs one batch at a time");
+        assert_eq!(most_at_once(2).await, 2, "two instances run two batches at once");
+        assert_eq!(most_at_once(3).await, 3);
+    }
 }

@@ -162,11 +162,12 @@ impl<T: Waiting> BatchQueue<T> {
             if let Some(latency) = finish.map(|f| f.saturating_duration_since(entry.enqueued)) {
                 let predicted = latency.mul_f64(self.adaptive.calibration.factor());
                 let allowed = deadline.mul_f64(ADMISSION_HEADROOM);
-                // Nothing queued, handed over or running: the request runs at once whatever the
-                // prediction says. Refusing it would also starve the correction of the answers
-                // that bring it down: once a high correction refused a lone request, it refused
-                // every request after it (seen: a closed loop at c=64 got 20028 refusals in a row).
-                let idle = self.rows == 0 && self.adaptive.busy_until.is_none() && self.adaptive.handed_over_rows == 0;
+                // Nothing queued or handed over, and an instance idle: the request runs at once
+                // whatever the prediction says. Refusing it would also starve the correction of
+                // the answers that bring it down: once a high correction refused a lone request,
+                // it refused every request after it (seen: a closed loop at c=64 got 20028
+                // refusals in a row).
+                let idle = self.rows == 0 && self.adaptive.handed_over_rows == 0 && !self.adaptive.all_busy();
                 if predicted > allowed && !idle {
                     return Err((PushError::WouldMissDeadline { predicted, deadline: allowed }, entry));
                 }
@@ -282,6 +283,7 @@ impl<T: Waiting> BatchQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::adaptive::Running;
 
     #[derive(Debug)]
     struct P {
@@ -565,7 +567,7 @@ mod tests {
         // t(b) = 10 ms + 1 ms/row; the device is busy for 20 ms more.
         q.adaptive.latency.observe(1, 0.011);
         q.adaptive.latency.observe(8, 0.018);
-        q.adaptive.busy_until = Some(t0 + ms(20));
+        q.adaptive.running[0] = Some(Running { until: t0 + ms(20), rows: 0 });
         // 20 + t(4) = 34 ms, returned for the caller to hold against the actual latency.
         let a = q.push(entry("a", 0, None)).unwrap().unwrap();
         assert!(a.latency.abs_diff(ms(34)) < Duration::from_micros(1) && a.deadline == ms(50), "{a:?}");
@@ -588,20 +590,19 @@ mod tests {
         assert!(matches!(late, PushError::WouldMissDeadline { predicted, .. } if predicted > ms(50)), "{late:?}");
         // On an idle device with nothing queued, a lone request runs whatever the correction says
         // (its answer is what brings the correction down): t(4) x 4 = 56 ms > 42.5, admitted.
-        q3.adaptive.busy_until = None;
+        q3.adaptive.running[0] = None;
         q3.adaptive.calibration.observe(a, a.latency.mul_f64(4.0));
         let lone = q3.push(entry("lone", 0, None)).unwrap().unwrap();
         assert!(lone.calibrated > ms(50), "{lone:?}");
         // Behind it, the same prediction is refused.
         assert!(q3.push(entry("behind", 0, None)).is_err());
         // While the device runs 8 rows, the next batch takes at most half the system's 16 rows.
-        q.adaptive.running_rows = 8;
+        q.adaptive.running[0] = Some(Running { until: t0 + ms(20), rows: 8 });
         let next = q.next_batch(t0 + ms(1));
         assert_eq!((next.decision, next.batch.len()), (Decision::Run, 2), "8 of 16 rows: formed now, handed over next");
         // Idle, light load: a partial batch runs at once.
         q.next_batch(t0 + ms(2));
-        q.adaptive.busy_until = None;
-        q.adaptive.running_rows = 0;
+        q.adaptive.running[0] = None;
         q.push(entry("d", 195, None)).unwrap();
         let next = q.next_batch(t0 + ms(200));
         assert_eq!((next.decision, next.batch.len()), (Decision::Run, 1), "idle, light load: run");
@@ -617,8 +618,7 @@ mod tests {
         q4.adaptive = q.adaptive.clone();
         q4.push(entry("e", 230, None)).unwrap();
         for q in [&mut q.adaptive, &mut q4.adaptive] {
-            q.busy_until = Some(t0 + ms(270));
-            q.running_rows = 8;
+            q.running[0] = Some(Running { until: t0 + ms(270), rows: 8 });
         }
         let next = q.next_batch(t0 + ms(250));
         assert!(next.batch.is_empty() && next.late.len() == 2, "{:?}", next.late);
