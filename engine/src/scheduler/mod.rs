@@ -187,7 +187,8 @@ impl Scheduler {
         if let Some(prediction) = prediction.filter(|_| !matches!(outputs, Err(EngineError::WouldMissDeadline { .. })))
         {
             let mut q = self.shared.queue.lock().expect("queue lock");
-            q.adaptive.calibration.observe(prediction, arrived.elapsed());
+            let now = Instant::now();
+            q.adaptive.calibration.observe(prediction, now.saturating_duration_since(arrived), now);
             let ppm = (q.adaptive.calibration.factor() * 1e6) as u64;
             self.stats.prediction_factor_ppm.store(ppm, Ordering::Relaxed);
         }
