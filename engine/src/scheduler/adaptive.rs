@@ -232,8 +232,8 @@ pub struct Adaptive {
     pub calibration: Calibration,
     /// Per executor instance, the batch on it (`None`: idle); never empty.
     pub running: Vec<Option<Running>>,
-    /// Rows of the batch formed and handed to the executors but not started (the prefetched
-    /// one): it runs on the first instance to be free, before anything still queued.
+    /// Rows formed into batches and handed to the executors but not started (the prefetched
+    /// batch): they run on the first instance to be free, before anything still queued.
     pub handed_over_rows: usize,
 }
 

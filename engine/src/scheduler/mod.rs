@@ -264,7 +264,9 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
                 let next = q.next_batch(Instant::now());
                 if matches!(next.decision, Decision::Run) {
                     // Out of the queue, not yet on the device: still ahead of every new arrival.
-                    q.adaptive.handed_over_rows = next.batch.iter().map(|e| e.rows).sum();
+                    // Added, and taken off by the executor that starts it: with several
+                    // instances, one may start the batch before this one while it is formed.
+                    q.adaptive.handed_over_rows += next.batch.iter().map(|e| e.rows).sum::<usize>();
                 }
                 stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
                 next
@@ -299,9 +301,13 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
         for e in &entries {
             stats.record_queued(now - e.enqueued);
         }
+        let rows: usize = entries.iter().map(|e| e.rows).sum();
         match form_batch(entries, pad) {
             Ok(batch) => permit.send(batch),
             Err((err, replies)) => {
+                let mut q = shared.queue.lock().expect("queue lock");
+                q.adaptive.handed_over_rows = q.adaptive.handed_over_rows.saturating_sub(rows);
+                drop(q);
                 for r in replies {
                     let _ = r.send(Err(EngineError::InvalidInput(err.to_string())));
                 }
@@ -341,7 +347,7 @@ fn executor(index: usize, model: Arc<dyn Model>, slot: Slot, stats: Arc<Stats>, 
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             let took = q.adaptive.latency.predict(total).map(Duration::from_secs_f64);
             q.adaptive.running[index] = Some(Running { until: start + took.unwrap_or_default(), rows: total });
-            q.adaptive.handed_over_rows = 0;
+            q.adaptive.handed_over_rows = q.adaptive.handed_over_rows.saturating_sub(total);
         }
         let result = run_guarded(model.as_ref(), batch.inputs);
         let took = start.elapsed();
