@@ -95,6 +95,9 @@ pub struct Stats {
     pub expired: AtomicU64,
     /// Refused by adaptive batching because they were predicted to miss their deadline.
     pub shed: AtomicU64,
+    /// Of `shed`, those refused in the queue (the host slowed down after they were let in), not on
+    /// arrival.
+    pub shed_late: AtomicU64,
     /// The fitted execution time `a + c·rows`: a and c, in ns.
     pub fit_base_ns: AtomicU64,
     pub fit_per_row_ns: AtomicU64,
@@ -128,6 +131,7 @@ impl Default for Stats {
             rejected: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             shed: AtomicU64::new(0),
+            shed_late: AtomicU64::new(0),
             fit_base_ns: AtomicU64::new(0),
             fit_per_row_ns: AtomicU64::new(0),
             prediction_factor_ppm: AtomicU64::new(1_000_000),

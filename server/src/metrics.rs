@@ -76,6 +76,16 @@ pub fn render(st: &AppState, sees: &dyn Fn(&str) -> bool, server_wide: bool) -> 
     );
     series(
         &mut out,
+        "algolink_shed_late_total",
+        "counter",
+        "Of algolink_shed_total, the requests refused while queued (the host slowed down after they \
+         were let in), not on arrival.",
+        &|out, l, s| {
+            let _ = writeln!(out, "algolink_shed_late_total{{{l}}} {}", s.shed_late.load(Relaxed));
+        },
+    );
+    series(
+        &mut out,
         "algolink_batch_model_seconds",
         "gauge",
         "The fitted execution time per batch, base + per_row x rows.",

@@ -130,7 +130,8 @@ async fn adaptive_batching_runs_a_lone_request_at_once_and_grows_batches_under_l
     assert!(mean > 4.0, "mean executed batch size {mean:.1} at concurrency 32");
     let (_, metrics) = server.get("/metrics").await;
     assert!(
-        metrics.contains("algolink_shed_total{model=\"encoder\",version=\"1\"} 0"),
+        metrics.contains("algolink_shed_total{model=\"encoder\",version=\"1\"} 0")
+            && metrics.contains("algolink_shed_late_total{model=\"encoder\",version=\"1\"} 0"),
         "nothing shed under a loose objective"
     );
     assert!(metrics.contains("algolink_batch_model_seconds{model=\"encoder\",version=\"1\",term=\"per_row\"}"));

@@ -277,6 +277,7 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
                 let _ = e.payload.reply.send(Err(EngineError::DeadlineExceeded { waited }));
             }
             for (e, why) in next.late {
+                stats.shed_late.fetch_add(1, Ordering::Relaxed);
                 let _ = e.payload.reply.send(Err(push_error(why, &stats, 0)));
             }
             stats.cancelled.fetch_add(next.cancelled.len() as u64, Ordering::Relaxed);
