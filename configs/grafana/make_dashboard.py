@@ -73,6 +73,7 @@ panels = [
         "Refused: queue full, shed, expired, client gone",
         [(f"sum by (model) (rate(algolink_rejected_total{{{SEL}}}[{RATE}]))", "queue full {{model}}"),
          (f"sum by (model) (rate(algolink_shed_total{{{SEL}}}[{RATE}]))", "shed {{model}}"),
+         (f"sum by (model) (rate(algolink_shed_late_total{{{SEL}}}[{RATE}]))", "of them while queued {{model}}"),
          (f"sum by (model) (rate(algolink_expired_total{{{SEL}}}[{RATE}]))", "expired {{model}}"),
          (f"sum by (model) (rate(algolink_cancelled_total{{{SEL}}}[{RATE}]))", "client gone {{model}}")],
         "reqps", 12, 24,
