@@ -56,10 +56,19 @@ fn big_mlp() -> ModelFiles {
     ModelFiles::from([("big.safetensors".to_string(), bytes.into())])
 }
 
+/// Free bytes on `device`.
+fn free_on(device: Device) -> i64 {
+    device.memory().unwrap().expect("a GPU reports its memory").0 as i64
+}
+
+fn mib(bytes: i64) -> i64 {
+    bytes / (1 << 20)
+}
+
 #[test]
 fn gpu_memory_is_checked_before_loading_and_given_back_on_unload() {
     let device = Device::Cuda(0);
-    let free = || device.memory().unwrap().expect("a GPU reports its memory").0 as i64;
+    let free = || free_on(device);
     let options = LoadOptions { device, ..LoadOptions::default() };
     // The first load also sets up the context and cuBLAS, which stay: measure from the second.
     drop(load_model(&big_mlp(), &options).unwrap());
@@ -68,7 +77,6 @@ fn gpu_memory_is_checked_before_loading_and_given_back_on_unload() {
     let loaded = free();
     drop(model);
     let after = free();
-    let mib = |b: i64| b / (1 << 20);
     assert!(before - loaded >= 128 << 20, "loading took only {} MiB", mib(before - loaded));
     assert!((before - after).abs() <= 16 << 20, "unloading gave back all but {} MiB", mib(before - after));
     // More than the device has: refused before anything is allocated, with both figures named.
@@ -103,13 +111,12 @@ fn onnx_exports_run_on_cuda_as_a_candle_plan() {
 #[test]
 fn instances_each_hold_their_weights_on_the_gpu_and_run_at_once() {
     let device = Device::Cuda(0);
-    let free = || device.memory().unwrap().expect("a GPU reports its memory").0 as i64;
+    let free = || free_on(device);
     let options = LoadOptions { device, ..LoadOptions::default() };
     drop(load_model(&big_mlp(), &options).unwrap());
     let before = free();
     let instances = load_instances(&big_mlp(), &options, 2).unwrap();
     assert!(instances.iter().all(|m| m.device() == device));
-    let mib = |b: i64| b / (1 << 20);
     assert!(before - free() >= 256 << 20, "two copies took only {} MiB", mib(before - free()));
     // Both run a batch from their own threads (own per-thread streams) and agree.
     let x = algolink_engine::Tensor::from_f32(vec![8, 4096], &vec![0.5; 8 * 4096]).unwrap();

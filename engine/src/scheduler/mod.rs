@@ -90,7 +90,6 @@ struct Batch {
 pub struct Scheduler {
     shared: Arc<Shared>,
     model: Arc<dyn Model>,
-    instances: usize,
     stats: Arc<Stats>,
 }
 
@@ -119,7 +118,6 @@ impl Scheduler {
         let (tx, rx) = mpsc::channel::<Batch>(1);
         tokio::spawn(batcher(shared.clone(), tx, pad, stats.clone()));
         let slot: Slot = Arc::new(Mutex::new(rx));
-        let count = instances.len();
         for (index, instance) in instances.into_iter().enumerate() {
             let (slot, stats, shared) = (slot.clone(), stats.clone(), shared.clone());
             std::thread::Builder::new()
@@ -127,7 +125,7 @@ impl Scheduler {
                 .spawn(move || executor(index, instance, slot, stats, shared))
                 .expect("spawn executor thread");
         }
-        Scheduler { shared, model, instances: count, stats }
+        Scheduler { shared, model, stats }
     }
 
     pub fn model(&self) -> &Arc<dyn Model> {
@@ -136,7 +134,7 @@ impl Scheduler {
 
     /// How many executors run this version's batches.
     pub fn instances(&self) -> usize {
-        self.instances
+        self.shared.queue.lock().expect("queue lock").adaptive.instances()
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
