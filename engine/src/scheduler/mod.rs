@@ -256,18 +256,19 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
     loop {
         // Wait for the hand-over slot to be free first, so the batch is formed as late as possible.
         let Ok(permit) = tx.reserve().await else { return };
-        let entries = loop {
-            let next = {
+        let (entries, rows) = loop {
+            let (next, rows) = {
                 let mut q = shared.queue.lock().expect("queue lock");
                 let next = q.next_batch(Instant::now());
+                let rows: usize = next.batch.iter().map(|e| e.rows).sum();
                 if matches!(next.decision, Decision::Run) {
                     // Out of the queue, not yet on the device: still ahead of every new arrival.
                     // Added, and taken off by the executor that starts it: with several
                     // instances, one may start the batch before this one while it is formed.
-                    q.adaptive.handed_over_rows += next.batch.iter().map(|e| e.rows).sum::<usize>();
+                    q.adaptive.handed_over_rows += rows;
                 }
                 stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
-                next
+                (next, rows)
             };
             for e in next.expired {
                 stats.expired.fetch_add(1, Ordering::Relaxed);
@@ -280,7 +281,7 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
             }
             stats.cancelled.fetch_add(next.cancelled.len() as u64, Ordering::Relaxed);
             match next.decision {
-                Decision::Run => break next.batch,
+                Decision::Run => break (next.batch, rows),
                 Decision::WaitUntil(t) => {
                     stats.planned_wait_seconds.observe(t.saturating_duration_since(Instant::now()).as_secs_f64());
                     tokio::select! {
@@ -300,7 +301,6 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
         for e in &entries {
             stats.record_queued(now - e.enqueued);
         }
-        let rows: usize = entries.iter().map(|e| e.rows).sum();
         match form_batch(entries, pad) {
             Ok(batch) => permit.send(batch),
             Err((err, replies)) => {
