@@ -30,6 +30,11 @@ pub enum RegistryError {
     UserNotFound(String),
     #[error("token {0:?} not found")]
     TokenNotFound(String),
+    /// A lifecycle decision of a replica whose leader lease another replica has taken since.
+    #[error(
+        "this replica's leadership (epoch {epoch}) has ended: another replica took the lifecycle decisions over (epoch {now}); the decision was not written"
+    )]
+    Fenced { epoch: i64, now: i64 },
     /// The registry's backends are misconfigured (found at start-up).
     #[error("registry configuration: {0}")]
     Config(String),

@@ -26,4 +26,5 @@ pub use lifecycle::validate_alias;
 pub use lifecycle_store::{Event, EventFilter};
 pub use manager::Manager;
 pub use names::{PATH_WORDS, validate_model_name};
+pub use replicas::as_leader;
 pub use store::{Backends, Dialect, ModelRecord, Registry, VersionRecord, VersionState};

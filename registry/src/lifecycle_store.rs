@@ -59,6 +59,7 @@ impl Registry {
             )));
         }
         let before = self.aliases(model).await?.get(alias).copied();
+        let mut tx = self.begin_decision().await?;
         sqlx::query(
             "INSERT INTO aliases (model, alias, version, updated_at_ms) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, updated_at_ms = excluded.updated_at_ms",
@@ -67,18 +68,21 @@ impl Registry {
         .bind(alias)
         .bind(version as i64)
         .bind(now_ms() as i64)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(before)
     }
 
     pub async fn delete_alias(&self, model: &str, alias: &str) -> Result<u64, RegistryError> {
+        let mut tx = self.begin_decision().await?;
         let row = sqlx::query("DELETE FROM aliases WHERE model = $1 AND alias = $2 RETURNING version")
             .bind(model)
             .bind(alias)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| RegistryError::AliasNotFound { model: model.into(), alias: alias.into() })?;
+        tx.commit().await?;
         Ok(row.get::<i64, _>(0) as u64)
     }
 
@@ -132,6 +136,7 @@ impl Registry {
         policy.validate()?;
         self.model(model).await?;
         let doc = serde_json::to_string(policy).map_err(|e| RegistryError::InvalidPolicy(e.to_string()))?;
+        let mut tx = self.begin_decision().await?;
         sqlx::query(
             "INSERT INTO policies (model, doc, updated_at_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (model) DO UPDATE SET doc = excluded.doc, updated_at_ms = excluded.updated_at_ms",
@@ -139,8 +144,9 @@ impl Registry {
         .bind(model)
         .bind(doc)
         .bind(now_ms() as i64)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -154,6 +160,7 @@ impl Registry {
         detail: serde_json::Value,
     ) -> Result<Event, RegistryError> {
         let at_ms = now_ms();
+        let mut tx = self.begin_decision().await?;
         let id: i64 = sqlx::query(
             "INSERT INTO events (at_ms, model, version, kind, message, detail) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
@@ -163,9 +170,10 @@ impl Registry {
         .bind(kind)
         .bind(message)
         .bind(detail.to_string())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?
         .get(0);
+        tx.commit().await?;
         Ok(Event {
             id: id as u64,
             at_ms,
@@ -233,15 +241,17 @@ impl Registry {
 
     pub async fn update_experiment(&self, e: &Experiment) -> Result<(), RegistryError> {
         let state = serde_json::to_value(e.state).map_err(|x| RegistryError::InvalidPolicy(x.to_string()))?;
+        let mut tx = self.begin_decision().await?;
         let done = sqlx::query("UPDATE experiments SET doc = $1, state = $2 WHERE id = $3")
             .bind(serde_json::to_string(e).map_err(|x| RegistryError::InvalidPolicy(x.to_string()))?)
             .bind(state.as_str().unwrap_or("running"))
             .bind(e.id as i64)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(RegistryError::ExperimentNotFound(e.id));
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -352,7 +362,7 @@ impl Registry {
         reason: &str,
     ) -> Result<(), RegistryError> {
         debug_assert!(matches!(state, VersionState::Rejected | VersionState::Retired));
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_decision().await?;
         write_state(&mut *tx, model, version, state, Some(reason)).await?;
         sqlx::query("DELETE FROM aliases WHERE model = $1 AND version = $2")
             .bind(model)

@@ -1,7 +1,7 @@
 //! What replicas sharing one registry tell each other: each replica's traffic counters per
 //! version (summed, they are what the lifecycle judges), the event log's high-water mark (how a
 //! replica learns that something changed), and the lease that lets exactly one replica at a time
-//! take lifecycle decisions.
+//! take lifecycle decisions, fenced by an epoch so that one that lost it cannot write a decision.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,11 +15,51 @@ use crate::{Dialect, Registry, RegistryError};
 /// The advisory-lock key of the leader lease ("algolead" in ASCII).
 const LEADER_LOCK: i64 = 0x616c_676f_6c65_6164;
 
+/// Tries the lease's lock on its own session; taken, it starts a new epoch (committed before
+/// the first decision under it).
+async fn acquire(conn: &mut sqlx::AnyConnection) -> Result<Option<i64>, sqlx::Error> {
+    let row = sqlx::query("SELECT pg_try_advisory_lock($1)").bind(LEADER_LOCK).fetch_one(&mut *conn).await?;
+    if !row.try_get::<bool, _>(0)? {
+        return Ok(None);
+    }
+    let row = sqlx::query("UPDATE leader_epoch SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(Some(row.try_get(0)?))
+}
+
 /// The leader lease: a PostgreSQL session-level advisory lock, held on a connection of its own
 /// for as long as that session lives. A replica that dies (or whose connection breaks) loses it
-/// with its session, and the next replica to ask takes it over.
+/// with its session, and the next replica to ask takes it over. Held, it carries the epoch its
+/// holder took on acquiring it.
 #[derive(Clone, Default)]
-pub(crate) struct Lease(Arc<tokio::sync::Mutex<Option<(sqlx::AnyConnection, bool)>>>);
+pub(crate) struct Lease(Arc<tokio::sync::Mutex<Option<LeaseSession>>>);
+
+/// The lease's own database session, and the epoch while it holds the lock.
+struct LeaseSession {
+    conn: sqlx::AnyConnection,
+    epoch: Option<i64>,
+}
+
+tokio::task_local! {
+    /// The leader epoch the current task's decisions are taken under (see [`as_leader`]).
+    static FENCE: i64;
+}
+
+/// Runs `decisions` as the leader of `epoch` (what [`Registry::hold_lease`] returned): every
+/// decision the registry writes in it (aliases, policies, experiments, versions taken out of
+/// service, events) first checks, in its own transaction, that no replica took the lease since.
+///
+/// The lease alone cannot stop a replica that lost its session between its check and its write
+/// (the database dropped the connection, the replica paused): its pool still works. The epoch is
+/// the fencing token. The new leader bumps it on acquisition, and a fenced write reads it `FOR
+/// SHARE`, so the bump waits for a decision in flight to commit (the new leader then sees it) and
+/// every later write of the old leader finds a newer epoch and is refused with
+/// [`RegistryError::Fenced`]. A decision of several writes can be cut between two of them, as a
+/// crash cuts it; the new leader goes on from what was written.
+pub async fn as_leader<F: std::future::Future>(epoch: i64, decisions: F) -> F::Output {
+    FENCE.scope(epoch, decisions).await
+}
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -28,46 +68,61 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Registry {
-    /// Whether this process holds the leader lease, taking it when it is free. Asked before
-    /// every round of decisions; the session is checked each time, so a lease lost with its
-    /// connection is noticed before the next decision. On SQLite (one process) always true.
-    pub async fn hold_lease(&self) -> bool {
+    /// The epoch of the leader lease if this process holds it, taking it (and a new epoch) when
+    /// it is free. Asked before every round of decisions, which then run under [`as_leader`];
+    /// the session is checked each time, so a lease lost with its connection is noticed before
+    /// the next round. On SQLite (one process) always held, at epoch 0.
+    pub async fn hold_lease(&self) -> Option<i64> {
         if self.dialect() == Dialect::Sqlite {
-            return true;
+            return Some(0);
         }
         let mut slot = self.lease.0.lock().await;
         if slot.is_none() {
             match self.pool.acquire().await {
                 // Detached: the pool must never hand this session to anyone else.
-                Ok(conn) => *slot = Some((conn.detach(), false)),
+                Ok(conn) => *slot = Some(LeaseSession { conn: conn.detach(), epoch: None }),
                 Err(e) => {
                     tracing::warn!("leader lease: no database connection: {e}");
-                    return false;
+                    return None;
                 }
             }
         }
-        let Some((conn, held)) = slot.as_mut() else { return false };
-        let asked = if *held {
-            sqlx::query("SELECT TRUE").fetch_one(&mut *conn).await
-        } else {
-            sqlx::query("SELECT pg_try_advisory_lock($1)").bind(LEADER_LOCK).fetch_one(&mut *conn).await
+        let LeaseSession { conn, epoch: held } = slot.as_mut()?;
+        let asked = match *held {
+            Some(epoch) => sqlx::query("SELECT TRUE").fetch_one(&mut *conn).await.map(|_| Some(epoch)),
+            None => acquire(conn).await,
         };
-        match asked.and_then(|row| row.try_get::<bool, _>(0)) {
+        match asked {
             Ok(now) => {
-                if now && !*held {
-                    tracing::info!("this replica now takes the lifecycle decisions (leader lease acquired)");
+                if let (Some(epoch), None) = (now, *held) {
+                    tracing::info!(epoch, "this replica now takes the lifecycle decisions (leader lease acquired)");
                 }
                 *held = now;
                 now
             }
             Err(e) => {
-                if *held {
+                if held.is_some() {
                     tracing::warn!("leader lease lost with its database session: {e}");
                 }
+                // Dropped, the connection closes: a lock it may still hold goes with its session.
                 *slot = None;
-                false
+                None
             }
         }
+    }
+
+    /// A transaction for a write that is a lifecycle decision: under [`as_leader`] on
+    /// PostgreSQL, it first checks (and holds, until it ends) the leader epoch.
+    pub(crate) async fn begin_decision(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, RegistryError> {
+        let mut tx = self.pool.begin().await?;
+        if let (Ok(epoch), Dialect::Postgres) = (FENCE.try_with(|e| *e), self.dialect()) {
+            let row = sqlx::query("SELECT epoch FROM leader_epoch WHERE id = 1 FOR SHARE").fetch_one(&mut *tx).await?;
+            let now: i64 = row.try_get(0)?;
+            if now != epoch {
+                return Err(RegistryError::Fenced { epoch, now });
+            }
+        }
+        Ok(tx)
     }
 
     /// Records this replica's cumulative traffic counters, per (model, version).
@@ -127,8 +182,10 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use super::as_leader;
     use crate::lifecycle::stats::{LatencyHistogram, TrafficTotals};
     use crate::testing::Scratch;
+    use crate::{Format, Registry, RegistryError, VersionState};
 
     fn totals(requests: u64, errors: u64, latencies_ms: &[f64], last: u64) -> TrafficTotals {
         let h = LatencyHistogram::default();
@@ -164,23 +221,73 @@ mod tests {
         let first = scratch.open().await.unwrap();
         if first.dialect() == crate::Dialect::Sqlite {
             // One process per SQLite file: it always leads.
-            assert!(first.hold_lease().await);
+            assert_eq!(first.hold_lease().await, Some(0));
             return;
         }
         let second = scratch.open().await.unwrap();
-        assert!(first.hold_lease().await);
-        assert!(!second.hold_lease().await);
-        assert!(first.hold_lease().await, "the holder keeps it");
-        assert!(!second.hold_lease().await);
+        let epoch = first.hold_lease().await.expect("a free lease is taken");
+        assert_eq!(second.hold_lease().await, None);
+        assert_eq!(first.hold_lease().await, Some(epoch), "the holder keeps it, at its epoch");
+        assert_eq!(second.hold_lease().await, None);
         drop(first); // the session ends with its connection, as when a replica dies
-        let mut took_over = false;
+        let next = take_over(&second).await;
+        assert!(next > epoch, "a new holder starts a new epoch ({next} after {epoch})");
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_lease_was_taken_over_writes_no_decision() {
+        let scratch = Scratch::new().await.unwrap();
+        let old = scratch.open().await.unwrap();
+        let staged = old.blobs().stage(&b"v1"[..], 1 << 20).await.unwrap();
+        old.add_version("m", staged, Format::Onnx, VersionState::Ready, None).await.unwrap();
+        let Some(epoch) = old.hold_lease().await else { panic!("a free lease is taken") };
+        as_leader(epoch, old.set_alias("m", "champion", 1)).await.unwrap();
+        if old.dialect() == crate::Dialect::Sqlite {
+            return; // one process: nobody else can take the lease
+        }
+        let new = scratch.open().await.unwrap();
+        // The database ends the old leader's lease session (an idle timeout, a broken
+        // connection, an operator) while the replica runs on with its pool.
+        let ended = sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_all(&new.pool)
+        .await
+        .unwrap();
+        assert_eq!(ended.len(), 1, "one session holds the lease");
+        let next = take_over(&new).await;
+        assert!(next > epoch);
+
+        // The old leader still believes it leads (it has not asked since): its decisions are
+        // refused, and its event with them.
+        let refused = as_leader(epoch, old.set_alias("m", "champion", 1)).await;
+        assert!(
+            matches!(refused, Err(RegistryError::Fenced { epoch: e, now }) if e == epoch && now == next),
+            "{refused:?}"
+        );
+        let refused = as_leader(epoch, old.append_event("m", Some(1), "retired", "stale", serde_json::json!({}))).await;
+        assert!(matches!(refused, Err(RegistryError::Fenced { .. })), "{refused:?}");
+        let refused = as_leader(epoch, old.take_out_of_service("m", 1, VersionState::Retired, "stale")).await;
+        assert!(matches!(refused, Err(RegistryError::Fenced { .. })), "{refused:?}");
+        assert!(old.version("m", 1).await.unwrap().state.servable(), "nothing of a refused decision is written");
+        assert_eq!(old.last_event_id().await.unwrap(), 0);
+        // Asked again, it learns it lost the lease; what its users ask it still happens.
+        assert_eq!(old.hold_lease().await, None);
+        old.set_alias("m", "challenger", 1).await.unwrap();
+        // The new leader decides.
+        as_leader(next, new.delete_alias("m", "champion")).await.unwrap();
+        assert_eq!(new.aliases("m").await.unwrap().keys().collect::<Vec<_>>(), ["challenger"]);
+    }
+
+    /// Asks for the lease until it is taken (a closed session's lock goes within moments).
+    async fn take_over(registry: &Registry) -> i64 {
         for _ in 0..50 {
-            if second.hold_lease().await {
-                took_over = true;
-                break;
+            if let Some(epoch) = registry.hold_lease().await {
+                return epoch;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        assert!(took_over, "the lease passes on once its holder's session is gone");
+        panic!("the lease did not pass on once its holder's session was gone");
     }
 }

@@ -140,7 +140,7 @@ CREATE TABLE replica_traffic (
 /// PostgreSQL schema migrations, applied in order under an advisory lock (replicas starting
 /// together migrate once); `algolink_schema` records how many ran. The first is SQLite's five
 /// in one. Text keys use the "C" collation so listings sort as they do on SQLite.
-const PG_MIGRATIONS: [&str; 2] = [
+const PG_MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE models (
     name          TEXT COLLATE "C" PRIMARY KEY,
@@ -238,6 +238,10 @@ CREATE INDEX tokens_by_user ON tokens("user");
 CREATE INDEX tokens_by_parent ON tokens(parent);
 "#,
     REPLICA_TRAFFIC,
+    // PostgreSQL only (SQLite has one process, always the leader): the leader lease's epoch, the
+    // fencing token of lifecycle decisions (see `replicas.rs`).
+    "CREATE TABLE leader_epoch (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL); \
+     INSERT INTO leader_epoch (id, epoch) VALUES (1, 0);",
 ];
 
 /// The advisory-lock key under which PostgreSQL migrations run ("algolink" in ASCII).

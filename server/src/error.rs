@@ -85,7 +85,7 @@ impl From<RegistryError> for ApiError {
             | RegistryError::InvalidUpload(_)
             | RegistryError::InvalidPolicy(_)
             | RegistryError::InvalidAccess(_) => ApiError::BadRequest(e.to_string()),
-            RegistryError::Conflict(_) => ApiError::Conflict(e.to_string()),
+            RegistryError::Conflict(_) | RegistryError::Fenced { .. } => ApiError::Conflict(e.to_string()),
             RegistryError::ModelNotFound(_)
             | RegistryError::VersionNotFound { .. }
             | RegistryError::AliasNotFound { .. }

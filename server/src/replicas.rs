@@ -2,7 +2,8 @@
 //! replica shares its traffic counters and reads the others', and acts on the events the others
 //! appended: every model they name is refreshed from the registry (versions loaded or unloaded,
 //! aliases, routing, the running experiment). Then the replica holding the leader lease, and
-//! only it, takes the lifecycle decisions, judging traffic summed over every replica.
+//! only it, takes the lifecycle decisions, judging traffic summed over every replica, under the
+//! lease's epoch (a fencing token: a replica that lost the lease mid-pass writes no decision).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -31,9 +32,14 @@ impl AppState {
                 tracing::warn!("syncing with the registry: {e}");
             }
         }
-        let leader = self.registry.hold_lease().await;
-        self.replicas.leader.store(leader, Ordering::Release);
-        self.tick(leader).await;
+        let epoch = self.registry.hold_lease().await;
+        self.replicas.leader.store(epoch.is_some(), Ordering::Release);
+        match epoch {
+            // Fenced: should another replica take the lease during this pass, the decisions
+            // this one still writes are refused.
+            Some(epoch) => algolink_registry::as_leader(epoch, self.tick(true)).await,
+            None => self.tick(false).await,
+        }
     }
 
     /// Writes this replica's counters that changed since they were last written (every request
