@@ -58,6 +58,10 @@ struct Args {
     /// Open loop: requests per second, sent on schedule whatever the answers.
     #[arg(long)]
     rate: Option<f64>,
+    /// Open loop: requests leave at random, exponentially distributed gaps (a Poisson process at
+    /// `--rate`, as independent users send) instead of evenly spaced.
+    #[arg(long)]
+    poisson: bool,
     /// Open loop: how long to send, in seconds.
     #[arg(long, default_value_t = 20.0)]
     duration_s: f64,
@@ -106,9 +110,15 @@ async fn open_loop(
     let total = (rate * args.duration_s).round() as usize;
     let start = tokio::time::Instant::now();
     let mut not_sent = 0;
+    let mut at = 0.0;
     for i in 0..total {
-        // On schedule: request i leaves at i / rate, however the earlier ones fared.
-        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        // On schedule, however the earlier ones fared: request i leaves at i / rate, or after
+        // the sum of i exponential gaps of mean 1 / rate.
+        at = match args.poisson {
+            true => at - (1.0 - rand::random::<f64>()).ln() / rate,
+            false => i as f64 / rate,
+        };
+        tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
         if in_flight.load(Ordering::Relaxed) >= args.max_in_flight {
             not_sent += 1;
             continue;
