@@ -3,7 +3,7 @@
 //! Requests enter a [`BatchQueue`] behind a mutex. A batcher task decides when to run (the pure
 //! [`BatchQueue::next_batch`]), merges the chosen requests into one batch along dim 0, and hands it
 //! to the executor threads through a channel of one slot: while the executors run their batches,
-//! the next is formed (prefetch exactly one). Each executor (an *instance*, Triton's instance
+//! the next is formed (prefetch exactly one; in adaptive mode on the CPU, only a full one). Each executor (an *instance*, Triton's instance
 //! group) has its own copy of the model, on a GPU its own stream, so `N` instances run `N` batches
 //! at once; the first free one takes the batch handed over. It splits the outputs back per request.
 
@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub use adaptive::Running;
 pub use queue::{BatchConfig, BatchQueue, Decision, Entry, Next, PushError, Waiting};
 
-use crate::{EngineError, Model, Stats, Tensor};
+use crate::{Device, EngineError, Model, Stats, Tensor};
 
 /// One inference request as the scheduler sees it: inputs in signature order.
 #[derive(Debug)]
@@ -109,6 +109,7 @@ impl Scheduler {
         let pad = model.signature().pad_to_longest;
         let mut queue = BatchQueue::new(config, pad);
         queue.adaptive = adaptive::Adaptive::with_instances(instances.len());
+        queue.adaptive.shares_cores = model.device() == Device::Cpu;
         let shared = Arc::new(Shared {
             queue: Mutex::new(queue),
             wake: Notify::new(),
@@ -282,8 +283,11 @@ async fn batcher(shared: Arc<Shared>, tx: mpsc::Sender<Batch>, pad: bool, stats:
             stats.cancelled.fetch_add(next.cancelled.len() as u64, Ordering::Relaxed);
             match next.decision {
                 Decision::Run => break (next.batch, rows),
-                Decision::WaitUntil(t) => {
-                    stats.planned_wait_seconds.observe(t.saturating_duration_since(Instant::now()).as_secs_f64());
+                Decision::WaitUntil(t) | Decision::Busy(t) => {
+                    if matches!(next.decision, Decision::WaitUntil(_)) {
+                        let wait = t.saturating_duration_since(Instant::now());
+                        stats.planned_wait_seconds.observe(wait.as_secs_f64());
+                    }
                     tokio::select! {
                         _ = shared.wake.notified() => {}
                         _ = tokio::time::sleep_until(t.into()) => {}
@@ -354,6 +358,7 @@ fn executor(index: usize, model: Arc<dyn Model>, slot: Slot, stats: Arc<Stats>, 
         {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.adaptive.running[index] = None;
+            q.adaptive.idle_since = Some(start + took);
             q.adaptive.latency.observe(total, took.as_secs_f64());
             if let Some((a, c)) = q.adaptive.latency.coefficients() {
                 stats.fit_base_ns.store((a * 1e9) as u64, Ordering::Relaxed);

@@ -66,6 +66,9 @@ pub enum Decision {
     Run,
     /// Nothing to run before this instant, unless a request arrives.
     WaitUntil(Instant),
+    /// Adaptive mode on the CPU: every instance runs, and the next batch is formed when one is
+    /// free (which wakes the batcher); this instant only guards against a missed wake.
+    Busy(Instant),
     /// The queue is empty.
     Idle,
 }
@@ -169,6 +172,7 @@ impl<T: Waiting> BatchQueue<T> {
                 // refusals in a row).
                 let idle = self.rows == 0 && self.adaptive.handed_over_rows == 0 && !self.adaptive.all_busy();
                 if predicted > allowed && !idle {
+                    self.adaptive.shed_at = Some(entry.enqueued);
                     return Err((PushError::WouldMissDeadline { predicted, deadline: allowed }, entry));
                 }
                 prediction = Some(Prediction { latency, calibrated: predicted, deadline });
@@ -176,7 +180,9 @@ impl<T: Waiting> BatchQueue<T> {
         }
         self.seq += 1;
         self.rows += entry.rows;
+        self.adaptive.pace.observe(entry.enqueued);
         self.entries.insert((entry.priority, self.seq), entry);
+        self.adaptive.queued(self.rows);
         Ok(prediction)
     }
 
@@ -213,6 +219,9 @@ impl<T: Waiting> BatchQueue<T> {
                     dead.push((*k, Some(PushError::WouldMissDeadline { predicted, deadline: objective - e.enqueued })));
                 }
             }
+        }
+        if dead.iter().any(|(_, why)| why.is_some()) {
+            self.adaptive.shed_at = Some(now);
         }
         for (k, why) in dead {
             let e = self.entries.remove(&k).expect("key just listed");
@@ -253,10 +262,15 @@ impl<T: Waiting> BatchQueue<T> {
         let Some(oldest) = oldest else {
             return Next { decision: Decision::Idle, batch: Vec::new(), expired, cancelled, late };
         };
+        let mut busy = false;
         let due = match self.config.latency_slo {
             Some(slo) => match self.adaptive.plan(now, rows, oldest, limit, slo) {
                 Plan::Run => now,
                 Plan::Wait(t) => t,
+                Plan::Busy(t) => {
+                    busy = true;
+                    t
+                }
             },
             // A delay too large to add to an instant means "wait for a full batch".
             None => oldest.checked_add(self.config.max_queue_delay).unwrap_or(now + Duration::from_secs(86_400 * 365)),
@@ -266,7 +280,11 @@ impl<T: Waiting> BatchQueue<T> {
         if !run {
             // Wake up for the batch delay, or earlier when a queued deadline falls before it.
             let wake = self.entries.values().filter_map(|e| e.deadline).fold(due, Instant::min);
-            return Next { decision: Decision::WaitUntil(wake), batch: Vec::new(), expired, cancelled, late };
+            let decision = if busy { Decision::Busy(wake) } else { Decision::WaitUntil(wake) };
+            return Next { decision, batch: Vec::new(), expired, cancelled, late };
+        }
+        if self.config.latency_slo.is_some() {
+            self.adaptive.formed(self.rows);
         }
         let batch: Vec<Entry<T>> = keys.iter().map(|k| self.entries.remove(k).expect("key just listed")).collect();
         self.rows -= rows;
@@ -574,9 +592,11 @@ mod tests {
         // Behind a's 4 rows: 20 + t(8) = 38 ms; then 20 + t(8) + t(4) = 52 ms, past the 42.5 ms
         // admission allows (85% of 50).
         q.push(entry("b", 0, None)).unwrap();
+        assert_eq!(q.adaptive.shed_at, None);
         let late = q.push(entry("c", 0, None)).unwrap_err().0;
         let allowed = ms(50).mul_f64(ADMISSION_HEADROOM);
         assert!(matches!(late, PushError::WouldMissDeadline { deadline, .. } if deadline == allowed), "{late:?}");
+        assert_eq!(q.adaptive.shed_at, Some(t0), "a refusal as late is remembered (the CPU then gathers nothing)");
         // A tighter deadline of its own counts too: 38 ms > 0.85 x 30 ms.
         let mut q2 = BatchQueue::new(BatchConfig { latency_slo: Some(ms(50)), ..BatchConfig::default() }, false);
         q2.adaptive = q.adaptive.clone();
@@ -622,6 +642,7 @@ mod tests {
         }
         let next = q.next_batch(t0 + ms(250));
         assert!(next.batch.is_empty() && next.late.len() == 2, "{:?}", next.late);
+        assert_eq!(q.adaptive.shed_at, Some(t0 + ms(250)));
         for (e, why) in &next.late {
             // From arrival at 230 ms: predicted 58 ms against 50.
             let PushError::WouldMissDeadline { predicted, deadline } = why else { panic!("{why:?}") };
