@@ -29,15 +29,18 @@
 //! above 11.4k). So on the CPU ([`Adaptive::gather`]):
 //! - while every instance is busy, no batch is formed (unless a full one is queued): what arrives
 //!   meanwhile joins the next batch rather than making a small one;
-//! - an instance is idle and requests arrive in bursts (closed-loop clients, each sending its next
-//!   request when its answer comes: the median gap between arrivals is well under the mean, see
-//!   [`Pace`]): wait for as many rows as recent batches found in the system (queued, running and
-//!   handed over, [`Adaptive::target`]: with `K` such clients, all `K`), until the device has idled
-//!   as long as that batch will run, and on while they keep coming (the last within 8 recent gaps),
+//! - an instance is idle: wait for as many rows as recent batches found in the system (queued,
+//!   running and handed over, [`Adaptive::target`]: with `K` closed-loop clients, each sending its
+//!   next request when its answer comes, all `K`), until the device has idled as long as that
+//!   batch will run, and on while they keep coming (the last within 8 recent gaps, [`Pace`]),
 //!   never past the objective; with `K` clients this joins them into one group;
-//! - arrivals spread in time (open loop: waiting gathers no group, only latency), or requests were
-//!   refused as late in the last second (overload: an idle device refuses more): the rule for an
-//!   idle GPU above, without prefetch.
+//! - unless arrivals are spread in time (open loop: the median gap between them is not well
+//!   under the mean, [`BURSTY`]), or rows kept arriving while gathered batches ran (open loop
+//!   that comes in bursts, as a busy host's network stack delivers it: arrivals do not wait for
+//!   answers, and waiting gathers no group, only latency; for 100 ms, doubling while the next
+//!   try finds the same, see [`Adaptive::finished`]), or
+//!   requests were refused as late in the last second (overload: an idle device refuses more):
+//!   then the GPU's rules above apply.
 //!
 //! BentoML's dispatcher fits the same linear model; unlike it, the wait here is bounded by the
 //! objective for the oldest request, counts rows rather than requests, and refuses early only a
@@ -63,8 +66,23 @@ const FORMED_WINDOW: usize = 16;
 /// On the CPU, requests arrive in a stream when this many recent (median) gaps between them take
 /// less than the target batch's run, and the stream has stopped when none came for as long.
 const GAP_PATIENCE: u32 = 8;
-/// Arrivals come in bursts when the median gap between them is under this share of the mean.
+/// Arrivals come in bursts when the median gap between them is under this share of the mean:
+/// closed-loop clients come back together as their answers go out; Poisson arrivals' median gap
+/// is 0.69 of the mean, evenly spaced ones' the mean.
 const BURSTY: f64 = 0.6;
+/// A gathered batch looks open-loop when more than this share of its rows arrived while it ran
+/// ([`Adaptive::finished`]).
+const OPEN_SHARE: usize = 8;
+/// Gathering stops after this many gathered batches in a row looked open-loop. A gather that ends
+/// before every closed-loop client is back splits them for a batch or two, which then look
+/// open-loop (seen: 64 clients on the small MLP, 3 s: 232 of 2914 gathered batches, at most 2 in a
+/// row); 7000 req/s open loop on the wide MLP made runs of 4 to 10.
+const OPEN_EVIDENCE: u32 = 3;
+/// On the CPU, batches stop gathering for this long once open loop was seen, doubling each time
+/// it is seen again within [`OPEN_HELD`] of gathering resuming, up to the second value.
+const OPEN_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_millis(3200));
+/// Gathering that held this long without seeing open loop resets the back-off.
+const OPEN_HELD: Duration = Duration::from_secs(1);
 /// On the CPU, no batch waits for more rows for this long after a request was refused as late.
 const SHED_MEMORY: Duration = Duration::from_secs(1);
 /// On the CPU, while every instance runs, the batcher looks again after this much past the
@@ -327,6 +345,18 @@ pub struct Adaptive {
     /// When a request was last refused as one that would finish late (by admission or in the
     /// queue): the device cannot keep up, and on the CPU no batch then waits for more rows.
     pub shed_at: Option<Instant>,
+    /// Rows queued since the start.
+    arrived_rows: u64,
+    /// Whether the last batch formed was gathered (and so tells open from closed loop).
+    gathered: bool,
+    /// Per instance, for a gathered batch on it, the rows that had arrived when it started.
+    probes: Vec<Option<u64>>,
+    /// Gathered batches in a row that looked open-loop.
+    open_looking: u32,
+    /// Until when batches on the CPU do not gather: arrivals do not wait for answers (open loop).
+    open_until: Option<Instant>,
+    /// How long the last such stop was.
+    open_backoff: Duration,
 }
 
 impl Default for Adaptive {
@@ -359,29 +389,85 @@ impl Adaptive {
             peak: 0,
             idle_since: None,
             shed_at: None,
+            arrived_rows: 0,
+            gathered: false,
+            probes: vec![None; instances.max(1)],
+            open_looking: 0,
+            open_until: None,
+            open_backoff: Duration::ZERO,
         }
     }
 
-    /// Rows were queued: `queued_rows` wait now.
-    pub fn queued(&mut self, queued_rows: usize) {
+    /// `rows` were queued: `queued_rows` wait now.
+    pub fn queued(&mut self, rows: usize, queued_rows: usize) {
+        self.arrived_rows += rows as u64;
+        self.note_peak(queued_rows);
+    }
+
+    fn note_peak(&mut self, queued_rows: usize) {
         self.peak = self.peak.max(queued_rows + self.running_rows() + self.handed_over_rows);
     }
 
-    /// A batch is formed while `queued_rows` wait.
-    pub fn formed(&mut self, queued_rows: usize) {
-        self.queued(queued_rows);
+    /// A batch is formed at `now` while `queued_rows` wait.
+    pub fn formed(&mut self, now: Instant, queued_rows: usize) {
+        self.note_peak(queued_rows);
         if self.formed.len() == FORMED_WINDOW {
             self.formed.pop_front();
         }
         self.formed.push_back(std::mem::take(&mut self.peak));
+        self.gathered = self.gathering(now);
+    }
+
+    /// Instance `index` starts a batch of `rows` (handed over), predicted to end `until`.
+    pub fn started(&mut self, index: usize, rows: usize, until: Instant) {
+        self.running[index] = Some(Running { until, rows });
+        self.handed_over_rows = self.handed_over_rows.saturating_sub(rows);
+        self.probes[index] = std::mem::take(&mut self.gathered).then_some(self.arrived_rows);
+    }
+
+    /// Instance `index` finished its batch at `now`.
+    ///
+    /// A gathered batch tells closed loop from open loop, by what arrived while it ran. `K`
+    /// closed-loop clients gathered into one batch send nothing while it runs (they wait for
+    /// their answers), except the few that missed it; open-loop arrivals keep coming, and the
+    /// rows waiting grow with every wait (measured: waiting for the recent peak pushed it to 64
+    /// rows at 4000 req/s on the wide MLP and doubled p50 against static batching). So
+    /// [`OPEN_EVIDENCE`] gathered batches in a row during whose run more than 1/[`OPEN_SHARE`] of
+    /// their rows arrived stop gathering for [`OPEN_BACKOFF`]; the next batches then gather again,
+    /// and so test it again.
+    pub fn finished(&mut self, index: usize, now: Instant) {
+        let ran = self.running[index].take();
+        self.idle_since = Some(now);
+        let (Some(ran), Some(at_start)) = (ran, self.probes[index].take()) else { return };
+        let arrived = usize::try_from(self.arrived_rows - at_start).unwrap_or(usize::MAX);
+        if arrived == 0 || arrived.saturating_mul(OPEN_SHARE) <= ran.rows {
+            self.open_looking = 0;
+            return;
+        }
+        self.open_looking += 1;
+        if self.open_looking < OPEN_EVIDENCE {
+            return;
+        }
+        self.open_looking = 0;
+        let held = self.open_until.map_or(Duration::MAX, |until| now.saturating_duration_since(until));
+        self.open_backoff = if held < OPEN_HELD {
+            (self.open_backoff * 2).clamp(OPEN_BACKOFF.0, OPEN_BACKOFF.1)
+        } else {
+            OPEN_BACKOFF.0
+        };
+        self.open_until = Some(now + self.open_backoff);
     }
 
     /// How many rows a batch on the CPU gathers: the most that recent batches found in the system
     /// (with `K` closed-loop clients, `K` once they run as one group), shared among the instances,
     /// within `max_batch`.
     pub fn target(&self, max_batch: usize) -> usize {
-        let peak = self.formed.iter().copied().max().unwrap_or(0);
-        peak.div_ceil(self.instances()).clamp(1, max_batch.max(1))
+        self.population().div_ceil(self.instances()).clamp(1, max_batch.max(1))
+    }
+
+    /// The most rows recent batches found in the system: with `K` closed-loop clients, `K`.
+    fn population(&self) -> usize {
+        self.formed.iter().copied().max().unwrap_or(0)
     }
 
     pub fn instances(&self) -> usize {
@@ -401,9 +487,9 @@ impl Adaptive {
     /// The most rows the next batch should take: `1/(N+1)` of what is in the system (running and
     /// queued) for `N` instances, so that the batches on the instances and the next one stay
     /// balanced and no instance waits on another share's round trip through HTTP.
-    /// On the CPU, where nothing is formed while the device is busy, `max_batch`.
-    pub fn batch_limit(&self, queued_rows: usize, max_batch: usize) -> usize {
-        if self.shares_cores {
+    /// While gathering on the CPU, where nothing is formed while the device is busy, `max_batch`.
+    pub fn batch_limit(&self, now: Instant, queued_rows: usize, max_batch: usize) -> usize {
+        if self.gathering(now) {
             return max_batch.max(1);
         }
         (self.running_rows() + queued_rows).div_ceil(self.instances() + 1).clamp(1, max_batch)
@@ -414,7 +500,7 @@ impl Adaptive {
         if rows >= max_batch {
             return Plan::Run;
         }
-        if self.shares_cores {
+        if self.gathering(now) {
             return self.gather(now, rows, oldest, max_batch, slo);
         }
         if self.all_busy() {
@@ -451,7 +537,20 @@ impl Adaptive {
         Plan::Wait(now + Duration::from_secs_f64(wait))
     }
 
-    /// The choice on the CPU (see the module's documentation): wait for the target while the rows
+    /// Whether batches gather closed-loop groups (see the module's documentation): on the CPU,
+    /// when arrivals come in bursts, unless gathered batches lately saw rows arrive while they ran
+    /// (open loop, see [`Adaptive::finished`]) or requests were refused as late (overload: a
+    /// device waiting would only refuse more). Otherwise the GPU's rules apply.
+    fn gathering(&self, now: Instant) -> bool {
+        let bursty =
+            self.pace.median_gap().is_some_and(|gap| gap.as_secs_f64() * self.arrivals.rows_per_second(now) < BURSTY);
+        self.shares_cores
+            && bursty
+            && self.open_until.is_none_or(|until| now >= until)
+            && self.shed_at.is_none_or(|at| now.saturating_duration_since(at) >= SHED_MEMORY)
+    }
+
+    /// The choice while gathering: wait for the target while the rows
     /// keep coming, the device has idled no longer than the target batch runs, and the oldest
     /// request keeps time to run within the objective.
     fn gather(&self, now: Instant, rows: usize, oldest: Instant, max_batch: usize, slo: Duration) -> Plan {
@@ -460,9 +559,7 @@ impl Adaptive {
             return Plan::Busy(free.max(now) + BUSY_RECHECK);
         }
         let target = self.target(max_batch);
-        // (Overloaded: requests were refused lately; a device waiting would only refuse more.)
-        let shedding = self.shed_at.is_some_and(|at| now.saturating_duration_since(at) < SHED_MEMORY);
-        if rows >= target || shedding {
+        if rows >= target {
             return Plan::Run;
         }
         let (Some(run), Some(gap), Some(last), Some(idle_since)) =
@@ -470,10 +567,6 @@ impl Adaptive {
         else {
             return Plan::Run; // nothing learnt yet
         };
-        // Arrivals spread in time (open loop): gathering would only add latency.
-        if gap.as_secs_f64() * self.arrivals.rows_per_second(now) >= BURSTY {
-            return self.keep_up(now, rows, oldest, max_batch, slo);
-        }
         let run = Duration::from_secs_f64(run);
         // The device may idle as long as the batch then runs: at light load, where it has idled
         // longer, a request runs at once.
@@ -652,7 +745,7 @@ mod tests {
         ] {
             let running = running.iter().map(|&rows| (rows > 0).then_some(Running { until: t0, rows })).collect();
             let s = Adaptive { running, ..Adaptive::default() };
-            assert_eq!(s.batch_limit(queued, max), want, "{:?} running, {queued} queued", s.running);
+            assert_eq!(s.batch_limit(t0, queued, max), want, "{:?} running, {queued} queued", s.running);
         }
         // Predicted finish: busy 10 ms more, then 40 rows ahead in batches of 32: t(32) + t(8).
         let s = state(Some(10.0), 1000);
@@ -696,19 +789,19 @@ mod tests {
 
         let mut s = Adaptive { shares_cores: true, ..Adaptive::default() };
         assert_eq!(s.target(64), 1, "nothing seen: one row");
-        s.queued(10);
+        s.queued(10, 10);
         s.running[0] = Some(Running { until: t0, rows: 30 });
-        s.queued(20); // 20 queued beside 30 running: 50 in the system
+        s.queued(10, 20); // 20 queued beside 30 running: 50 in the system
         s.running[0] = None;
-        s.formed(20);
+        s.formed(t0, 20);
         assert_eq!(s.target(64), 50);
         assert_eq!(s.target(32), 32, "within the maximum");
         for _ in 0..FORMED_WINDOW {
-            s.formed(5);
+            s.formed(t0, 5);
         }
         assert_eq!(s.target(64), 5, "only recent batches count");
         let mut two = Adaptive { shares_cores: true, ..Adaptive::with_instances(2) };
-        two.formed(9);
+        two.formed(t0, 9);
         assert_eq!(two.target(64), 5, "each of two instances gathers its share");
     }
 
@@ -729,8 +822,8 @@ mod tests {
             for i in 0..per_s {
                 s.arrivals.observe(t0 - Duration::from_secs(1) + Duration::from_secs_f64(i as f64 / per_s as f64), 1);
             }
-            s.queued(target);
-            s.formed(0);
+            s.queued(target, target);
+            s.formed(t0, 0);
             s.idle_since = Some(t0 - ms(idle_for));
             s
         };
@@ -739,10 +832,11 @@ mod tests {
         let burst = || cpu(64, 20, 0, 12_000, 0.1);
         let busy = Adaptive { running: vec![Some(Running { until: t0 + ms(3.0), rows: 64 })], ..burst() };
         let shedding = Adaptive { shed_at: Some(t0 - ms(500.0)), ..burst() };
+        let open = |s: Adaptive| Adaptive { open_until: Some(t0 + ms(1.0)), ..s };
         // (what, state, rows queued, oldest age ms, plan)
         let cases: Vec<(&str, Adaptive, usize, f64, Plan)> = vec![
             ("nothing learnt: run", Adaptive { shares_cores: true, ..Adaptive::default() }, 1, 0.0, Plan::Run),
-            ("busy: formed once an instance is free", busy, 3, 0.0, Plan::Busy(t0 + ms(4.0))),
+            ("busy: formed once an instance is free", busy.clone(), 3, 0.0, Plan::Busy(t0 + ms(4.0))),
             ("a lone client runs at once", cpu(1, 20, 0, 1200, 0.1), 1, 0.0, Plan::Run),
             ("every client queued: run", burst(), 64, 0.0, Plan::Run),
             // The device idled 0.1 ms: wait until it has idled t(64) = 4.2 ms.
@@ -753,11 +847,15 @@ mod tests {
             // 100 - 97 - t(64) < 0.
             ("the objective caps the wait", burst(), 10, 97.0, Plan::Run),
             ("the objective caps the wait, with room", burst(), 10, 94.0, Plan::Wait(t0 + ms(1.8))),
-            ("requests refused lately: no wait", shedding, 10, 0.0, Plan::Run),
-            // Arrivals spread evenly (open loop): the rule for an idle GPU. At 1000/s 2 rows keep
-            // up (2 ≥ 1000/s × t(2) = 1.1); at 3000/s one row does not and waits for
+            // 12k rows/s: b* = λa / (1 - λc) = 30 rows, 20 more in 1.67 ms (1.635 at the ~11.95k measured).
+            ("requests refused lately: the GPU's rules", shedding, 10, 0.0, Plan::Wait(t0 + us(1635))),
+            // Open loop seen lately: the rule for an idle GPU. At 1000/s 2 rows keep up
+            // (2 ≥ 1000/s × t(2) = 1.1); at 3000/s one row does not and waits for
             // b* = λa / (1 - λc) = 3.5 rows, 2.5 more at 3000/s (the rate as measured, ~2980/s).
-            ("spread arrivals: run what keeps up", cpu(8, 1000, 0, 1000, 0.1), 2, 0.0, Plan::Run),
+            ("open loop: run what keeps up", open(cpu(8, 1000, 0, 1000, 0.1)), 2, 0.0, Plan::Run),
+            ("open loop: keep-up wait", open(cpu(8, 333, 0, 3000, 0.1)), 1, 0.0, Plan::Wait(t0 + us(840))),
+            ("open loop, busy: the next batch is formed now", open(busy.clone()), 3, 0.0, Plan::Run),
+            // Spread arrivals (the median gap is the mean): the same, without a verdict.
             ("spread arrivals: keep-up wait", cpu(8, 333, 0, 3000, 0.1), 1, 0.0, Plan::Wait(t0 + us(840))),
         ];
         for (what, s, rows, age, want) in cases {
@@ -770,7 +868,86 @@ mod tests {
                 _ => assert_eq!(got, want, "{what}"),
             }
         }
-        assert_eq!(burst().batch_limit(10, 64), 64, "no balance limit: nothing is formed while busy");
+        assert_eq!(burst().batch_limit(t0, 10, 64), 64, "no balance limit: nothing is formed while busy");
+        assert_eq!(open(burst()).batch_limit(t0, 10, 64), 5, "open loop: the balance limit");
+    }
+
+    #[test]
+    fn tells_open_loop_by_what_arrives_while_a_gathered_batch_runs() {
+        let t0 = Instant::now();
+        let at = |x: f64| t0 + ms(x);
+        // A batch of `rows` formed at `start` ms runs 3 ms, while `during` rows arrive.
+        let batch = |s: &mut Adaptive, start: f64, rows: usize, during: usize| {
+            s.queued(rows, rows);
+            s.formed(at(start), rows);
+            s.started(0, rows, at(start + 3.0));
+            for queued in 1..=during {
+                s.queued(1, queued);
+            }
+            s.finished(0, at(start + 3.0));
+        };
+        // Arrivals in bursts (20 µs apart).
+        let bursts = || {
+            let mut s = Adaptive { shares_cores: true, ..Adaptive::default() };
+            for i in (0..PACE_ARRIVALS as u64).rev() {
+                s.pace.observe(t0 - Duration::from_micros(20 * i));
+            }
+            s
+        };
+        let mut s = bursts();
+        // 64 closed-loop clients, up to 8 of them missing each batch and arriving while it runs.
+        for i in 0..10 {
+            batch(&mut s, i as f64 * 4.0, 64, i % 9);
+        }
+        assert!(s.gathering(at(40.0)), "closed loop");
+        // A split: 28 gathered, the other 36 arrive while they run; then joined again.
+        batch(&mut s, 40.0, 28, 36);
+        batch(&mut s, 44.0, 64, 0);
+        assert!(s.gathering(at(48.0)), "a split is not evidence");
+        batch(&mut s, 48.0, 64, 12);
+        batch(&mut s, 52.0, 64, 12);
+        batch(&mut s, 56.0, 64, 2);
+        batch(&mut s, 60.0, 64, 12);
+        assert!(s.gathering(at(64.0)), "nor two in a row");
+        batch(&mut s, 64.0, 64, 12);
+        batch(&mut s, 68.0, 64, 12);
+        assert!(!s.gathering(at(71.0)) && !s.gathering(at(170.9)), "three in a row: open loop, for 100 ms");
+        for i in 0..3 {
+            batch(&mut s, 80.0 + 4.0 * i as f64, 64, 30);
+        }
+        assert!(s.gathering(at(171.0)), "batches formed while not gathering are not judged");
+        // Gathering again at 171 ms, and open loop again: twice as long.
+        let three_with = |s: &mut Adaptive, start: f64, rows: usize, during: usize| {
+            for i in 0..3 {
+                batch(s, start + 4.0 * i as f64, rows, during);
+            }
+        };
+        let three = |s: &mut Adaptive, start: f64| three_with(s, start, 64, 20);
+        three(&mut s, 180.0);
+        assert!(!s.gathering(at(390.9)) && s.gathering(at(391.0)), "200 ms");
+        for _ in 0..6 {
+            let start = (s.open_until.unwrap() + ms(1.0) - t0).as_secs_f64() * 1e3;
+            three(&mut s, start);
+        }
+        assert_eq!(s.open_backoff, OPEN_BACKOFF.1, "at most");
+        let start = (s.open_until.unwrap() + OPEN_HELD - t0).as_secs_f64() * 1e3;
+        three(&mut s, start);
+        assert_eq!(s.open_backoff, OPEN_BACKOFF.0, "gathering held 1 s: from the start");
+        // One client (nothing arrives while its request runs), and light open-loop traffic.
+        let mut one = bursts();
+        for i in 0..10 {
+            batch(&mut one, i as f64 * 4.0, 1, 0);
+        }
+        assert!(one.gathering(at(40.0)));
+        three_with(&mut one, 40.0, 1, 1);
+        assert!(!one.gathering(at(49.0)), "one row arriving while each of three lone ones ran");
+        // Only gathered batches are judged: not on a GPU, not while shedding.
+        let mut gpu = Adaptive::default();
+        let mut shedding = Adaptive { shed_at: Some(at(0.0)), ..bursts() };
+        for s in [&mut gpu, &mut shedding] {
+            three(s, 0.0);
+            assert_eq!(s.open_until, None);
+        }
     }
 
     #[test]

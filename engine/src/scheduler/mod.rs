@@ -349,16 +349,14 @@ fn executor(index: usize, model: Arc<dyn Model>, slot: Slot, stats: Arc<Stats>, 
         {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             let took = q.adaptive.latency.predict(total).map(Duration::from_secs_f64);
-            q.adaptive.running[index] = Some(Running { until: start + took.unwrap_or_default(), rows: total });
-            q.adaptive.handed_over_rows = q.adaptive.handed_over_rows.saturating_sub(total);
+            q.adaptive.started(index, total, start + took.unwrap_or_default());
         }
         let result = run_guarded(model.as_ref(), batch.inputs);
         let took = start.elapsed();
         stats.record_batch(total, took);
         {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.adaptive.running[index] = None;
-            q.adaptive.idle_since = Some(start + took);
+            q.adaptive.finished(index, start + took);
             q.adaptive.latency.observe(total, took.as_secs_f64());
             if let Some((a, c)) = q.adaptive.latency.coefficients() {
                 stats.fit_base_ns.store((a * 1e9) as u64, Ordering::Relaxed);
