@@ -171,6 +171,8 @@ pub struct Pace {
     arrivals: VecDeque<Instant>,
     /// Requests per second.
     rate: ArrivalRate,
+    /// The median gap between `arrivals`, kept as they change: a decision reads it several times.
+    median: Option<Duration>,
 }
 
 impl Pace {
@@ -181,6 +183,7 @@ impl Pace {
         }
         let at = self.arrivals.back().map_or(at, |&last| at.max(last));
         self.arrivals.push_back(at);
+        self.median = self.median_of_gaps();
     }
 
     /// The last arrival.
@@ -190,6 +193,10 @@ impl Pace {
 
     /// The median gap between the last arrivals; `None` before a few were seen.
     pub fn median_gap(&self) -> Option<Duration> {
+        self.median
+    }
+
+    fn median_of_gaps(&self) -> Option<Duration> {
         if self.arrivals.len() < 4 {
             return None;
         }

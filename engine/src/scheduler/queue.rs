@@ -262,18 +262,17 @@ impl<T: Waiting> BatchQueue<T> {
         let Some(oldest) = oldest else {
             return Next { decision: Decision::Idle, batch: Vec::new(), expired, cancelled, late };
         };
-        let mut busy = false;
-        let due = match self.config.latency_slo {
+        let (due, busy) = match self.config.latency_slo {
             Some(slo) => match self.adaptive.plan(now, rows, oldest, limit, slo) {
-                Plan::Run => now,
-                Plan::Wait(t) => t,
-                Plan::Busy(t) => {
-                    busy = true;
-                    t
-                }
+                Plan::Run => (now, false),
+                Plan::Wait(t) => (t, false),
+                Plan::Busy(t) => (t, true),
             },
             // A delay too large to add to an instant means "wait for a full batch".
-            None => oldest.checked_add(self.config.max_queue_delay).unwrap_or(now + Duration::from_secs(86_400 * 365)),
+            None => {
+                let delay = oldest.checked_add(self.config.max_queue_delay);
+                (delay.unwrap_or(now + Duration::from_secs(86_400 * 365)), false)
+            }
         };
         let preferred = self.config.latency_slo.is_none() && self.config.preferred_batch_sizes.contains(&rows);
         let run = rows >= self.config.max_batch_size || preferred || due <= now;
