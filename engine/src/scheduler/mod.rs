@@ -3,10 +3,11 @@
 //! Requests enter a [`BatchQueue`] behind a mutex. A batcher task decides when to run (the pure
 //! [`BatchQueue::next_batch`]), merges the chosen requests into one batch along dim 0, and hands it
 //! to the executor threads through a channel of one slot: while the executors run their batches,
-//! the next is formed (prefetch exactly one; in adaptive mode on the CPU, while it gathers
-//! closed-loop clients, only a full one). Each executor (an *instance*, Triton's instance group)
-//! has its own copy of the model, on a GPU its own stream, so `N` instances run `N` batches at
-//! once; the first free one takes the batch handed over. It splits the outputs back per request.
+//! the next is formed (prefetch exactly one; in adaptive mode on the CPU, only a full one, or
+//! shortly before an instance is predicted free unless it gathers closed-loop clients). Each
+//! executor (an *instance*, Triton's instance group) has its own copy of the model, on a GPU its
+//! own stream, so `N` instances run `N` batches at once; the first free one takes the batch
+//! handed over. It splits the outputs back per request.
 
 pub mod adaptive;
 mod queue;
