@@ -5,7 +5,9 @@
 #
 # 1. iris logistic regression (JSON), concurrency 16: req/s and p99 against the best peer.
 # 2. MLPs 256-1024-1024-10 and 512-2048-2048-10 (binary tensors): batched against unbatched at
-#    concurrency 32, and served throughput at saturation against the engine's best offline rate.
+#    concurrency 32, and served throughput at saturation against the engine's best offline rate:
+#    one-row requests (static and adaptive batching), and 16-row ones as `perf_analyzer -b 16`
+#    sends (adaptive; concurrency 8 and 16, i.e. two and four full batches in flight).
 # 3. all-MiniLM-L6-v2, 64 short sentences in turn, concurrency 16: AlgoLink takes strings and
 #    tokenises; the peers get token ids. AlgoLink on candle (the safetensors directory) and on
 #    ONNX Runtime (`onnx_backend = "ort"`, the peers' own engine); each peer with 1 and 2 ONNX
@@ -76,15 +78,20 @@ warm=$(seq -s, 1 64)
     port=$((port + 3))
   done
 
-  # 2. MLPs: batched (every size warmed up) against max_batch_size 1; saturation against offline
+  # 2. MLPs: batched (every size warmed up) against max_batch_size 1; saturation against offline,
+  # with one-row requests (static and adaptive batching) and 16-row ones (adaptive)
   serve unbatched 18001 $'[defaults]\nmax_batch_size = 1'
+  serve adaptive 18002 "$(printf '[defaults]\nmode = "adaptive"\nlatency_slo_ms = 100\nwarmup_batch_sizes = [%s]' "$warm")"
   for m in mlp wide; do
     push 18000 $m "$work/$m.onnx"
     push 18001 $m "$work/$m.onnx"
+    push 18002 $m "$work/$m.onnx"
     load 18000 $m "$work/$m.json" 32 "$m-batched" --binary
     mean_batch 18000 $m "$m-batched"
     load 18001 $m "$work/$m.json" 32 "$m-unbatched" --binary
     load 18000 $m "$work/$m.json" 128 "$m-saturated" --binary
+    load 18002 $m "$work/$m.json" 128 "$m-saturated-adaptive" --binary
+    load 18002 $m "$work/${m}16.json" 8,16 "$m-saturated-16rows" --binary
     offline "$work/$m.onnx" 1,8,16,32,64 "$m-offline"
   done
 
@@ -124,10 +131,12 @@ warm=$(seq -s, 1 64)
 
 "$venv/bin/python" - "$work/results.jsonl" <<'PY'
 import json, sys
-runs = {}
+runs, multi = {}, {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     runs.setdefault(r["label"], {}).update(r)
+    if "concurrency" in r:
+        multi.setdefault(r["label"], {})[r["concurrency"]] = r
 
 def line(r):
     return f"{r['rps']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
@@ -136,11 +145,15 @@ a = runs["algolink"]
 best = max(["fastapi-ort", "pytriton"], key=lambda k: runs[k]["rps"])
 print(f"[1] iris c=16: algolink {line(a)} | best peer {best} {line(runs[best])} | ratio {a['rps'] / runs[best]['rps']:.2f}x")
 for m, dims in [("mlp", "256-1024-1024-10"), ("wide", "512-2048-2048-10")]:
-    b, u, s, o = (runs[f"{m}-{k}"] for k in ["batched", "unbatched", "saturated", "offline"])
+    b, u, s, sa, o = (runs[f"{m}-{k}"] for k in ["batched", "unbatched", "saturated", "saturated-adaptive", "offline"])
+    s16 = multi[f"{m}-saturated-16rows"]
     print(f"[2] {m} {dims} c=32: batched {line(b)} (mean batch {b['mean_batch']:.1f}) | unbatched {line(u)}"
           f" | ratio {b['rps'] / u['rps']:.2f}x")
-    print(f"[3] {m} served at c=128 {s['rps']:.0f} req/s | offline best {o['rows_per_s']:.0f} rows/s (batch {o['best_batch']})"
-          f" | ratio {s['rps'] / o['rows_per_s']:.2f}")
+    print(f"[3] {m} offline best {o['rows_per_s']:.0f} rows/s (batch {o['best_batch']}) | served, one-row requests c=128:"
+          f" static {s['rps']:.0f} req/s = {s['rps'] / o['rows_per_s']:.2f},"
+          f" adaptive {sa['rps']:.0f} req/s = {sa['rps'] / o['rows_per_s']:.2f}"
+          " | 16-row requests, adaptive: " + ", ".join(
+              f"c={c} {16 * r['rps']:.0f} rows/s = {16 * r['rps'] / o['rows_per_s']:.2f}" for c, r in sorted(s16.items())))
 t, o = runs["mlp128-tract"], runs["mlp128-ort"]
 print(f"[5] mlp batch 128 offline: tract {1e3 * 128 / t['rows_per_s']:.2f} ms | onnxruntime {1e3 * 128 / o['rows_per_s']:.2f} ms"
       f" | tract/ort time {o['rows_per_s'] / t['rows_per_s']:.2f}x")

@@ -3,7 +3,8 @@
 
 - mlp.onnx: the MLP 256 -> 1024 -> 1024 -> 10 (ReLU) of the issue's measurements, batch axis dynamic
 - wide.onnx: 512 -> 2048 -> 2048 -> 10, compute-bound enough that HTTP costs little beside it
-- mlp.json, wide.json: infer requests with one row; iris.json: one iris row for iris_logreg.onnx
+- mlp.json, wide.json: infer requests with one row; mlp16.json, wide16.json: with 16 rows (what
+  `perf_analyzer -b 16` sends); iris.json: one iris row for iris_logreg.onnx
 """
 import json
 import os
@@ -19,7 +20,8 @@ rng = np.random.default_rng(0)
 
 
 def mlp(name, dims):
-    """Writes NAME.onnx (MatMul + Add + Relu layers) and NAME.json (a one-row request)."""
+    """Writes NAME.onnx (MatMul + Add + Relu layers), NAME.json (a one-row request) and NAME16.json
+    (a 16-row one)."""
     nodes, inits = [], []
     x = "input"
     for i, (a, b) in enumerate(zip(dims, dims[1:])):
@@ -42,9 +44,10 @@ def mlp(name, dims):
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, os.path.join(out, name + ".onnx"))
-    row = rng.standard_normal(dims[0]).astype(np.float32).round(4).tolist()
-    json.dump({"inputs": [{"name": "input", "shape": [1, dims[0]], "datatype": "FP32", "data": row}]},
-              open(os.path.join(out, name + ".json"), "w"))
+    for rows, suffix in [(1, ""), (16, "16")]:
+        data = rng.standard_normal(rows * dims[0]).astype(np.float32).round(4).tolist()
+        json.dump({"inputs": [{"name": "input", "shape": [rows, dims[0]], "datatype": "FP32", "data": data}]},
+                  open(os.path.join(out, name + suffix + ".json"), "w"))
 
 
 mlp("mlp", [256, 1024, 1024, 10])
