@@ -522,20 +522,25 @@ impl Adaptive {
         if rows >= max_batch {
             return Plan::Run;
         }
-        if self.gathering(now) {
-            return self.gather(now, rows, oldest, max_batch, slo);
-        }
+        let gathering = self.gathering(now);
         if self.all_busy() {
-            if self.shares_cores {
-                // What arrives while the device runs joins the next batch, formed shortly before
-                // an instance is predicted free (see [`HANDOVER_LEAD`]).
-                let free = self.first_free(now);
-                return if free <= now + HANDOVER_LEAD { Plan::Run } else { Plan::Busy(free - HANDOVER_LEAD) };
+            if !self.shares_cores {
+                // Prefetch: the next batch waits in the hand-over slot, so no instance idles.
+                return Plan::Run;
             }
-            // Prefetch: the next batch waits in the hand-over slot, so no instance idles.
-            return Plan::Run;
+            // On the CPU what arrives while the device runs joins the next batch: formed once an
+            // instance is free while gathering, else shortly before (see [`HANDOVER_LEAD`]).
+            let free = self.first_free(now);
+            return match gathering {
+                true => Plan::Busy(free + BUSY_RECHECK),
+                false if free <= now + HANDOVER_LEAD => Plan::Run,
+                false => Plan::Busy(free - HANDOVER_LEAD),
+            };
         }
-        self.keep_up(now, rows, oldest, max_batch, slo)
+        match gathering {
+            true => self.gather(now, rows, oldest, max_batch, slo),
+            false => self.keep_up(now, rows, oldest, max_batch, slo),
+        }
     }
 
     /// An instance is idle: run if the rows keep up with arrivals, else wait for the size that
@@ -584,13 +589,10 @@ impl Adaptive {
             && self.shed_at.is_none_or(|at| now.saturating_duration_since(at) >= SHED_MEMORY)
     }
 
-    /// The choice while gathering: wait for the target while the rows
+    /// The choice while gathering, an instance idle: wait for the target while the rows
     /// keep coming, the device has idled no longer than the target batch runs, and the oldest
     /// request keeps time to run within the objective.
     fn gather(&self, now: Instant, rows: usize, oldest: Instant, max_batch: usize, slo: Duration) -> Plan {
-        if self.all_busy() {
-            return Plan::Busy(self.first_free(now) + BUSY_RECHECK);
-        }
         let target = self.target(max_batch);
         if rows >= target {
             return Plan::Run;
