@@ -21,8 +21,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bytes::Bytes;
 use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HOST, HeaderValue, RETRY_AFTER};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
+
+/// The client shares the host's cores with the server it measures: what it allocates is CPU taken
+/// from the server (mimalloc, as the server uses).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Closed-loop load generator for Open Inference Protocol v2 servers")]
@@ -55,6 +66,9 @@ struct Args {
     /// perf_analyzer does by default) instead of JSON data.
     #[arg(long)]
     binary: bool,
+    /// Threads the client runs on (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Open loop: requests per second, sent on schedule whatever the answers.
     #[arg(long)]
     rate: Option<f64>,
@@ -98,15 +112,11 @@ struct OpenReport {
 /// What one open-loop request came to: status (0: no answer), latency, `Retry-After` present.
 type Outcome = (u16, Duration, bool);
 
-async fn open_loop(
-    args: &Args,
-    client: &reqwest::Client,
-    url: &str,
-    bodies: &Arc<Vec<Request>>,
-    rate: f64,
-) -> OpenReport {
+async fn open_loop(args: &Args, target: &Arc<Target>, rate: f64) -> OpenReport {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Idle kept-alive connections: a request takes one, or opens one when none is idle.
+    let idle: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
     let total = (rate * args.duration_s).round() as usize;
     let start = tokio::time::Instant::now();
     let mut not_sent = 0;
@@ -124,19 +134,17 @@ async fn open_loop(
             continue;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let request = bodies[i % bodies.len()].send(client, url);
-        let (tx, in_flight) = (tx.clone(), in_flight.clone());
+        let (tx, in_flight, idle, target) = (tx.clone(), in_flight.clone(), idle.clone(), target.clone());
         tokio::spawn(async move {
             let t = Instant::now();
-            let outcome = match request.send().await {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let retry_after = r.headers().contains_key(reqwest::header::RETRY_AFTER);
-                    let complete = r.bytes().await.is_ok();
-                    (if complete { status } else { 0 }, t.elapsed(), retry_after)
-                }
+            let mut conn = idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let outcome = match target.post(&mut conn, i).await {
+                Ok((status, retry_after, _)) => (status.as_u16(), t.elapsed(), retry_after),
                 Err(_) => (0, t.elapsed(), false),
             };
+            if let Some(conn) = conn {
+                idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            }
             in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(outcome);
         });
@@ -248,54 +256,95 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
-/// What every client sends.
+/// One request body; the clients share it (`Bytes` clones are reference counts).
 struct Request {
-    body: Vec<u8>,
+    body: Bytes,
     /// `Inference-Header-Content-Length`, for binary bodies.
-    header: Option<usize>,
+    header: Option<HeaderValue>,
 }
 
-impl Request {
-    fn send(&self, client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
-        let b = client.post(url).body(self.body.clone());
-        match self.header {
-            Some(n) => b.header("Inference-Header-Content-Length", n),
-            None => b,
+/// A kept-alive HTTP/1.1 connection.
+type Conn = SendRequest<Full<Bytes>>;
+
+/// Where the requests go and what they carry. Requests are written with hyper's connection API
+/// directly, one connection per client: reqwest's pool, URL handling and per-request copies cost
+/// ~25 us of CPU per request, which on a small host is CPU taken from the server under test
+/// (perf_analyzer, Triton's client, is C++ for the same reason).
+struct Target {
+    /// HOST:PORT to connect to.
+    addr: String,
+    host: HeaderValue,
+    /// The infer endpoint's path.
+    uri: hyper::Uri,
+    requests: Vec<Request>,
+}
+
+impl Target {
+    fn new(url: &str, model: &str, requests: Vec<Request>) -> anyhow::Result<Target> {
+        let base: hyper::Uri = url.parse().with_context(|| format!("--url {url}"))?;
+        anyhow::ensure!(base.scheme_str() == Some("http"), "--url must be http://HOST:PORT, not {url}");
+        let authority = base.authority().with_context(|| format!("--url {url} names no host"))?;
+        Ok(Target {
+            addr: format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80)),
+            host: HeaderValue::from_str(authority.as_str())?,
+            uri: format!("{}/v2/models/{model}/infer", base.path().trim_end_matches('/')).parse()?,
+            requests,
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(&self.addr).await?;
+        stream.set_nodelay(true)?;
+        let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(driver);
+        Ok(conn)
+    }
+
+    /// Sends request `i` (modulo their number) on `conn`, opening a connection first when there
+    /// is none or the server closed it; returns the status, whether `Retry-After` came, and the
+    /// body once read. On an error the connection is dropped.
+    async fn post(&self, conn: &mut Option<Conn>, i: usize) -> anyhow::Result<(StatusCode, bool, Bytes)> {
+        let mut c = match conn.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => self.connect().await?,
+        };
+        let r = &self.requests[i % self.requests.len()];
+        let mut request = hyper::Request::post(self.uri.clone()).header(HOST, self.host.clone());
+        if let Some(n) = &r.header {
+            request = request.header("inference-header-content-length", n.clone());
         }
+        c.ready().await?;
+        let response = c.send_request(request.body(Full::new(r.body.clone()))?).await?;
+        let status = response.status();
+        let retry_after = response.headers().contains_key(RETRY_AFTER);
+        let body = response.into_body().collect().await?.to_bytes();
+        *conn = Some(c);
+        Ok((status, retry_after, body))
     }
 }
 
-async fn window(
-    client: &reqwest::Client,
-    url: &str,
-    bodies: &Arc<Vec<Request>>,
-    concurrency: usize,
-    length: Duration,
-) -> Window {
+/// One measurement window: `conns.len()` clients send back to back for `length`, each on its
+/// own connection (kept for the next window).
+async fn window(target: &Arc<Target>, conns: &mut Vec<Option<Conn>>, length: Duration) -> Window {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(concurrency);
-    for c in 0..concurrency {
-        let (client, url, bodies, stop) = (client.clone(), url.to_string(), bodies.clone(), stop.clone());
+    let mut tasks = Vec::with_capacity(conns.len());
+    for (c, conn) in conns.drain(..).enumerate() {
+        let (target, stop) = (target.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
+            let mut conn = conn;
             let mut next = c;
             while !stop.load(Ordering::Relaxed) {
-                let body = &bodies[next % bodies.len()];
-                next += 1;
                 let t = Instant::now();
-                let ok = match body.send(&client, &url).send().await {
-                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                if ok {
-                    latencies.push(t.elapsed());
-                } else {
-                    errors += 1;
+                match target.post(&mut conn, next).await {
+                    Ok((status, _, _)) if status.is_success() => latencies.push(t.elapsed()),
+                    _ => errors += 1,
                 }
+                next += 1;
             }
-            (latencies, errors)
+            (latencies, errors, conn)
         }));
     }
     tokio::time::sleep(length).await;
@@ -303,59 +352,68 @@ async fn window(
     let elapsed = start.elapsed();
     let mut w = Window { latencies: Vec::new(), errors: 0, elapsed };
     for t in tasks {
-        let (l, e) = t.await.expect("client task");
+        let (l, e, conn) = t.await.expect("client task");
         w.latencies.extend(l);
         w.errors += e;
+        conns.push(conn);
     }
     w
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut runtime = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    runtime.enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let json = std::fs::read(&args.request).with_context(|| format!("reading {}", args.request.display()))?;
     let requests = match serde_json::from_slice(&json)? {
         serde_json::Value::Array(items) => items.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>()?,
         _ => vec![json],
     };
     anyhow::ensure!(!requests.is_empty(), "{} holds an empty list", args.request.display());
-    let body = Arc::new(
-        requests
-            .into_iter()
-            .map(|json| {
-                Ok(if args.binary {
-                    let (body, header) = to_binary(&json)?;
-                    Request { body, header: Some(header) }
-                } else {
-                    Request { body: json, header: None }
-                })
+    let requests = requests
+        .into_iter()
+        .map(|json| {
+            Ok(if args.binary {
+                let (body, header) = to_binary(&json)?;
+                Request { body: body.into(), header: Some(header.into()) }
+            } else {
+                Request { body: json.into(), header: None }
             })
-            .collect::<anyhow::Result<Vec<_>>>()?,
-    );
-    let url = format!("{}/v2/models/{}/infer", args.url.trim_end_matches('/'), args.model);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).tcp_nodelay(true).build()?;
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let target = Arc::new(Target::new(&args.url, &args.model, requests)?);
     // Every request once first: fail fast on a wrong URL or body.
-    for request in body.iter() {
-        let r = request.send(&client, &url).send().await.with_context(|| format!("POST {url}"))?;
-        anyhow::ensure!(
-            r.status().is_success(),
-            "{url} answered {}: {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        );
+    let url = format!("{}{}", args.url.trim_end_matches('/'), target.uri.path());
+    let mut conn = None;
+    for i in 0..target.requests.len() {
+        let (status, _, body) = target.post(&mut conn, i).await.with_context(|| format!("POST {url}"))?;
+        anyhow::ensure!(status.is_success(), "{url} answered {status}: {}", String::from_utf8_lossy(&body));
     }
     if let Some(rate) = args.rate {
         anyhow::ensure!(rate > 0.0 && args.duration_s > 0.0, "--rate and --duration-s must be positive");
-        let report = open_loop(&args, &client, &url, &body, rate).await;
+        let report = open_loop(&args, &target, rate).await;
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
     for &c in &args.concurrency {
         let length = Duration::from_millis(args.window_ms);
-        window(&client, &url, &body, c, length / 2).await; // warm-up, discarded
+        let mut conns: Vec<Option<Conn>> = (0..c).map(|_| None).collect();
+        window(&target, &mut conns, length / 2).await; // warm-up, discarded
         let mut windows: Vec<Window> = Vec::new();
         let stable = loop {
-            windows.push(window(&client, &url, &body, c, length).await);
+            windows.push(window(&target, &mut conns, length).await);
             let n = windows.len();
             if n >= 3 {
                 let last: Vec<f64> = windows[n - 3..].iter().map(Window::rps).collect();
