@@ -279,6 +279,19 @@ struct Answer {
     outputs: Vec<algolink_engine::Tensor>,
 }
 
+/// Request bodies and outputs larger than this are parsed and encoded on the blocking pool: a
+/// large JSON body takes milliseconds, which on the HTTP threads (one, on a two-core host) would
+/// hold up every other connection's requests.
+const OFFLOAD_BYTES: usize = 256 << 10;
+
+/// Runs `f` here, or on the blocking pool when the work is `big`.
+async fn off_http_threads<T: Send + 'static>(big: bool, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    match big {
+        false => Ok(f()),
+        true => tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("request worker: {e}"))),
+    }
+}
+
 /// Runs a request on one version, recording its statistics.
 async fn attempt(
     servable: &Arc<Servable>,
@@ -288,7 +301,9 @@ async fn attempt(
 ) -> Result<Answer, ApiError> {
     let started = Instant::now();
     let result = async {
-        let call = oip::parse_request(body, header_len, servable.scheduler.model().signature())?;
+        let (body, model) = (body.clone(), servable.scheduler.model().clone());
+        let big = body.len() > OFFLOAD_BYTES;
+        let call = off_http_threads(big, move || oip::parse_request(&body, header_len, model.signature())).await??;
         let outputs = servable
             .scheduler
             .infer(InferRequest {
@@ -385,8 +400,14 @@ async fn run_infer(
             (answer, Some(r.variants[served].label.clone()))
         }
     };
-    let sig = answer.servable.scheduler.model().signature();
-    let (body, header_len) = oip::encode_response(name, answer.version, &answer.call, sig, &answer.outputs)?;
+    let version = answer.version;
+    let big = answer.outputs.iter().map(|t| t.numel() * t.dtype.size().unwrap_or(16)).sum::<usize>() > OFFLOAD_BYTES;
+    let model = name.to_string();
+    let (body, header_len) = off_http_threads(big, move || {
+        let sig = answer.servable.scheduler.model().signature();
+        oip::encode_response(&model, answer.version, &answer.call, sig, &answer.outputs)
+    })
+    .await??;
     let mut response = Response::new(Body::from(body));
     let h = response.headers_mut();
     match header_len {
@@ -398,7 +419,7 @@ async fn run_infer(
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
     }
-    h.insert(VERSION_HEADER, HeaderValue::from(answer.version));
+    h.insert(VERSION_HEADER, HeaderValue::from(version));
     if let Some(label) = label.and_then(|l| HeaderValue::from_str(&l).ok()) {
         h.insert(VARIANT_HEADER, label);
     }

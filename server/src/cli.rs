@@ -33,6 +33,10 @@ pub enum Command {
         /// Listen address; overrides the config's `server.http`.
         #[arg(long)]
         http: Option<String>,
+        /// Threads for HTTP and the control plane; overrides the config's `server.http_threads`
+        /// (default: one fewer than the cores, at least one).
+        #[arg(long, env = "ALGOLINK_HTTP_THREADS")]
+        http_threads: Option<usize>,
     },
     /// Push a model file (.onnx, .safetensors, or a tar of a model directory) as a new version.
     Push {
@@ -269,12 +273,27 @@ pub enum ExperimentAction {
     },
 }
 
-/// Runs a client command against a server.
+/// Runs a command: the server on `server.http_threads` tokio workers, a client command on this
+/// thread.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Serve { config, data, http, http_threads } = cli.command {
+        let config = serve_config(config, data, http, http_threads)?;
+        let threads = config.server.http_threads();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+        tracing::info!(threads, "HTTP runtime");
+        return runtime.block_on(serve(config));
+    }
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(cli))
+}
+
+/// Runs a command on the current runtime (`serve` included, whatever its size).
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let pretty = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     let api = Api::new(&cli.server, cli.token);
     match cli.command {
-        Command::Serve { config, data, http } => serve(config, data, http).await,
+        Command::Serve { config, data, http, http_threads } => {
+            serve(serve_config(config, data, http, http_threads)?).await
+        }
         Command::Push { path, name } => push(&api, path, name).await,
         Command::Models => models(&api).await,
         Command::Status { interval } => {
@@ -499,7 +518,14 @@ impl Api {
     }
 }
 
-pub async fn serve(config: Option<PathBuf>, data: Option<PathBuf>, http: Option<String>) -> anyhow::Result<()> {
+/// The config `serve` runs with: the file's (or the defaults), then the command line's and the
+/// environment's overrides.
+fn serve_config(
+    config: Option<PathBuf>,
+    data: Option<PathBuf>,
+    http: Option<String>,
+    http_threads: Option<usize>,
+) -> anyhow::Result<crate::Config> {
     let mut config = match config {
         Some(path) => crate::Config::from_file(&path)?,
         None => crate::Config::default(),
@@ -510,12 +536,21 @@ pub async fn serve(config: Option<PathBuf>, data: Option<PathBuf>, http: Option<
     if let Some(h) = http {
         config.server.http = h;
     }
+    if let Some(n) = http_threads {
+        anyhow::ensure!(n >= 1, "--http-threads must be at least 1");
+        config.server.http_threads = Some(n);
+    }
     if let Ok(url) = std::env::var("ALGOLINK_DATABASE_URL") {
         config.registry.database = Some(url);
     }
     if let Ok(url) = std::env::var("ALGOLINK_STORAGE_URL") {
         config.registry.storage = Some(url);
     }
+    Ok(config)
+}
+
+/// Runs the server with `config` until SIGINT or SIGTERM, then drains in-flight requests.
+pub async fn serve(config: crate::Config) -> anyhow::Result<()> {
     let running = crate::start(config).await?;
     println!("algolink listening on http://{}", running.addr);
     shutdown_signal().await;

@@ -194,3 +194,18 @@ async fn with_auth_on_the_owner_makes_a_team_and_its_publisher_pushes() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[test]
+fn serve_refuses_zero_http_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_algolink")).arg("serve").args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, err) = run(&["--http-threads", "0", "--data", dir.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("--http-threads must be at least 1"), "{err}");
+    let config = dir.path().join("zero.toml");
+    std::fs::write(&config, "[server]\nhttp_threads = 0\n").unwrap();
+    let (ok, err) = run(&["--config", config.to_str().unwrap()]);
+    assert!(!ok && err.contains("http_threads must be at least 1"), "{err}");
+}

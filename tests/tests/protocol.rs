@@ -75,6 +75,36 @@ async fn binary_tensor_extension_both_ways() {
     server.stop().await;
 }
 
+/// Bodies and outputs above 256 KiB are parsed and encoded on the blocking pool rather than on
+/// the HTTP threads: same answers, same errors.
+#[tokio::test]
+async fn large_requests_are_answered_like_small_ones() {
+    let server = TestServer::start("[models.iris]\nmax_batch_size = 25000\nmax_batch_tokens = 25000").await;
+    server.push("iris", "iris_logreg.onnx").await;
+    // ~0.5 MB of JSON in; 25,000 x 3 probabilities (300 KB as FP32) out
+    let rows = 25_000;
+    let (status, big) = server.infer("/v2/models/iris/infer", &iris_request(rows)).await;
+    assert_eq!(status, 200, "{big}");
+    let probabilities = big["outputs"][1]["data"].as_array().unwrap();
+    assert_eq!(probabilities.len(), rows * 3);
+    for i in [0, 1, 12_345, rows - 1] {
+        let one = json!({ "inputs": [{ "name": "input", "shape": [1, 4], "datatype": "FP32",
+                                       "data": [5.1 + i as f32 * 0.1, 3.5, 1.4, 0.2] }] });
+        let (status, small) = server.infer("/v2/models/iris/infer", &one).await;
+        assert_eq!(status, 200, "{small}");
+        assert_eq!(big["outputs"][0]["data"][i], small["outputs"][0]["data"][0], "label of row {i}");
+        let want = algolink_tests::floats(&small["outputs"][1]["data"]);
+        let got = algolink_tests::floats(&json!(probabilities[3 * i..3 * i + 3]));
+        algolink_tests::assert_close(&got, &want, 1e-5, 1e-6, &format!("probabilities of row {i}"));
+    }
+    let mut malformed = iris_request(rows).to_string().into_bytes();
+    malformed.truncate(malformed.len() - 10);
+    let r = server.client.post(server.url("/v2/models/iris/infer")).body(malformed).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("malformed request JSON"));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn errors_are_4xx_with_a_message() {
     let server = TestServer::start("[server]\nmax_body_bytes = 4096").await;
