@@ -43,6 +43,7 @@ run() { # label config concurrency
 }
 
 {
+  trap cleanup EXIT # (a subshell, piped into tee: its own `pid`)
   run batch1 $'[defaults]\nmax_batch_size = 1' 1
   run adaptive-c1 "$(printf '[defaults]\nmode = "adaptive"\nlatency_slo_ms = %s\nmax_batch_size = 64' "$slo")" 1
   run adaptive-sat "$(printf '[defaults]\nmode = "adaptive"\nlatency_slo_ms = %s\nmax_batch_size = 64' "$slo")" "$sat"

@@ -67,6 +67,8 @@ print(json.dumps({"label": sys.argv[1], "best_batch": best["batch"], "rows_per_s
 
 warm=$(seq -s, 1 64)
 {
+  # (piped into tee, this block is a subshell: the servers it starts are in its own `pids`)
+  trap cleanup EXIT
   # 1. iris
   serve batched 18000 $'[models.iris]\nwarmup_batch_sizes = [1, 16]'
   push 18000 iris "$work/iris.onnx"
