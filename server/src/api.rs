@@ -284,12 +284,9 @@ struct Answer {
 /// hold up every other connection's requests.
 const OFFLOAD_BYTES: usize = 256 << 10;
 
-/// Runs `f` here, or on the blocking pool when the work is `big`.
-async fn off_http_threads<T: Send + 'static>(big: bool, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    match big {
-        false => Ok(f()),
-        true => tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("request worker: {e}"))),
-    }
+/// Runs `f` on the blocking pool (for work over [`OFFLOAD_BYTES`]).
+async fn off_http_threads<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("request worker: {e}")))
 }
 
 /// Runs a request on one version, recording its statistics.
@@ -301,9 +298,12 @@ async fn attempt(
 ) -> Result<Answer, ApiError> {
     let started = Instant::now();
     let result = async {
-        let (body, model) = (body.clone(), servable.scheduler.model().clone());
-        let big = body.len() > OFFLOAD_BYTES;
-        let call = off_http_threads(big, move || oip::parse_request(&body, header_len, model.signature())).await??;
+        let call = if body.len() > OFFLOAD_BYTES {
+            let (body, model) = (body.clone(), servable.scheduler.model().clone());
+            off_http_threads(move || oip::parse_request(&body, header_len, model.signature())).await??
+        } else {
+            oip::parse_request(body, header_len, servable.scheduler.model().signature())?
+        };
         let outputs = servable
             .scheduler
             .infer(InferRequest {
@@ -401,13 +401,16 @@ async fn run_infer(
         }
     };
     let version = answer.version;
-    let big = answer.outputs.iter().map(|t| t.numel() * t.dtype.size().unwrap_or(16)).sum::<usize>() > OFFLOAD_BYTES;
-    let model = name.to_string();
-    let (body, header_len) = off_http_threads(big, move || {
-        let sig = answer.servable.scheduler.model().signature();
-        oip::encode_response(&model, answer.version, &answer.call, sig, &answer.outputs)
-    })
-    .await??;
+    let encode = |name: &str, a: &Answer| {
+        oip::encode_response(name, a.version, &a.call, a.servable.scheduler.model().signature(), &a.outputs)
+    };
+    let output_bytes: usize = answer.outputs.iter().map(|t| t.numel() * t.dtype.size().unwrap_or(16)).sum();
+    let (body, header_len) = if output_bytes > OFFLOAD_BYTES {
+        let name = name.to_string();
+        off_http_threads(move || encode(&name, &answer)).await??
+    } else {
+        encode(name, &answer)?
+    };
     let mut response = Response::new(Body::from(body));
     let h = response.headers_mut();
     match header_len {
