@@ -366,7 +366,10 @@ async fn run_infer(
         ),
     };
     let (answer, label) = match &dispatch {
-        Dispatch::Direct(s) => (attempt(s, &body, header_len, arrived).await?, None),
+        Dispatch::Direct(s) => match attempt(s, &body, header_len, arrived).await {
+            Ok(answer) => (answer, None),
+            Err(e) => return Ok(failed(e, s.version, None)),
+        },
         Dispatch::Routed(r) => {
             let key = routing_key(headers, &body, header_len);
             let i = r.pick(name, key.as_deref());
@@ -384,7 +387,10 @@ async fn run_infer(
                 served = f;
                 result = attempt(&r.variants[f].servable, &body, header_len, arrived).await;
             }
-            let answer = result?;
+            let answer = match result {
+                Ok(answer) => answer,
+                Err(e) => return Ok(failed(e, r.variants[served].version, Some(&r.variants[served].label))),
+            };
             if let Some(exp) = r.experiment {
                 let mut a = st.assignments.lock().expect("assignments lock");
                 for k in [answer.call.id.as_deref(), headers.get(KEY_HEADER).and_then(|v| v.to_str().ok())]
@@ -422,11 +428,23 @@ async fn run_infer(
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
     }
+    name_version(h, version, label.as_deref());
+    Ok(response)
+}
+
+/// The error answer of a request that `version` (reached as route variant `label`) failed: it
+/// names the version, as a successful answer does, so that a client can tell whose failure it was.
+fn failed(e: ApiError, version: u64, label: Option<&str>) -> Response {
+    let mut response = e.into_response();
+    name_version(response.headers_mut(), version, label);
+    response
+}
+
+fn name_version(h: &mut HeaderMap, version: u64, label: Option<&str>) {
     h.insert(VERSION_HEADER, HeaderValue::from(version));
-    if let Some(label) = label.and_then(|l| HeaderValue::from_str(&l).ok()) {
+    if let Some(label) = label.and_then(|l| HeaderValue::from_str(l).ok()) {
         h.insert(VARIANT_HEADER, label);
     }
-    Ok(response)
 }
 
 /// Sends a copy of an answered request to the shadow version, off the request's path: its

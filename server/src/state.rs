@@ -454,10 +454,17 @@ impl AppState {
         }
         let wanted = wanted_given(&failed);
         let loaded = self.manager.loaded_versions(name);
-        let newest = aspired_given(&failed).into_iter().chain(wanted.iter().copied()).find(|v| loaded.contains(v));
+        // The default answers unversioned requests when no routing does, and names the model's
+        // version in its metadata: during a rollout, the control, never the canary being judged.
+        let control = policy.active_rollout.as_ref().map(|r| r.control).filter(|v| wanted.contains(v));
+        let default = control
+            .into_iter()
+            .chain(aspired_given(&failed))
+            .chain(wanted.iter().copied())
+            .find(|v| loaded.contains(v));
         let set_default = || {
-            if let Some(newest) = newest {
-                self.manager.set_default(name, newest);
+            if let Some(default) = default {
+                self.manager.set_default(name, default);
             }
         };
         // Traffic moves without a gap: a new routing is in place before the default version

@@ -437,6 +437,13 @@ async fn a_version_failing_its_gates_against_the_champion_retires() {
     server.ok("PUT", "/v1/models/m/route", Some(route)).await;
     let body =
         json!({ "inputs": [{ "name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5, -1.0, 2.0, 0.25] }] });
+    // A failed answer names the version that failed, as a successful one does.
+    let r =
+        server.client.post(server.url("/v2/models/m/versions/2/infer")).body(body.to_string()).send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.headers().get("x-algolink-version").cloned()),
+        (500, Some("2".parse().unwrap()))
+    );
     let load = {
         let (server, body) = (server.clone(), body.clone());
         tokio::spawn(async move {
