@@ -97,13 +97,25 @@ impl PerBatchPlans {
     }
 }
 
-/// At most `count` batch sizes from 1 to `largest` (included), in geometric steps: each at most a
-/// third above the one below when `count` allows it, wider steps when it does not.
+/// At most `count` batch sizes from 1 to `largest` (included), each at most a third above the one
+/// below when `count` allows it, wider steps when it does not.
+///
+/// The steps are 1, 2, 3, then 4, 5 and 6 times each power of two (8, 10, 12, 16, 20, 24, 32, ...),
+/// so that every power of two is a size of its own: batches come in those sizes (a group of 16,
+/// 32 or 64 closed-loop clients, a `max_batch_size` of 32), and one size above a plan runs padded
+/// to the next. With plain geometric steps of 4/3 (..., 22, 29, 38, 50, 64) a batch of 32 ran
+/// on the plan for 38: the MLP 256-1024-1024-10 at 29.8k rows/s against 37.6k for 29 rows.
 fn ladder_sizes(largest: usize, count: usize) -> Vec<usize> {
     if count < 2 {
         return vec![largest];
     }
-    let mut ratio = 4.0 / 3.0_f64;
+    let steps = (0..).flat_map(|k| [4usize << k, 5 << k, 6 << k]);
+    let mut sizes: Vec<usize> = [1, 2, 3].into_iter().chain(steps).take_while(|&s| s < largest).collect();
+    sizes.push(largest);
+    if sizes.len() <= count {
+        return sizes;
+    }
+    let mut ratio = 4.0 / 3.0_f64 * 1.1;
     loop {
         let mut sizes = vec![1];
         while let Some(&last) = sizes.last().filter(|&&s| s < largest) {
@@ -468,7 +480,9 @@ mod plan_tests {
 
     #[test]
     fn the_ladder_pads_by_under_a_quarter_and_thins_to_its_budget() {
-        assert_eq!(ladder_sizes(64, 24), [1, 2, 3, 4, 5, 6, 8, 10, 13, 17, 22, 29, 38, 50, 64]);
+        assert_eq!(ladder_sizes(64, 24), [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64]);
+        assert_eq!(ladder_sizes(100, 24), [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 100]);
+        assert_eq!(ladder_sizes(2, 24), [1, 2]);
         assert_eq!(ladder_sizes(1, 24), [1]);
         for count in [2, 5, 9] {
             let sizes = ladder_sizes(64, count);
