@@ -27,16 +27,22 @@
 //! waiting while requests arrive costs no throughput: the cores are busy with those requests.
 //! Throughput is then rows per CPU-second, which grows with the batch (measured with 64 closed-loop
 //! clients on the wide MLP: one group of all 64 made 14.8k req/s, two balanced groups of 32 as
-//! above 11.4k). So on the CPU ([`Adaptive::gather`]):
+//! above 11.4k) unless the HTTP work overlapping the compute is worth more than the larger batch
+//! (the small MLP: two groups of 32, the second formed while the first runs, 25.9k against 22.6k
+//! in one group). Which of the two holds is measured, not predicted ([`Split`]: each in turn,
+//! the faster kept). So on the CPU ([`Adaptive::gather`]):
 //! - while every instance is busy, no batch is formed (unless a full one is queued): what arrives
-//!   meanwhile joins the next batch rather than making a small one (forming it at once, as on a
+//!   meanwhile joins the next batch rather than making a small one (in two groups: unless the
+//!   next group is complete; forming it at once, as on a
 //!   GPU, kept 4 clients sending 16-row requests staggered, a batch each: 0.64x the rows/s of one
 //!   group; and under open loop left more rows waiting behind small batches);
 //! - an instance is idle: wait for as many rows as recent batches found in the system (queued,
 //!   running and handed over, [`Adaptive::target`]: with `K` closed-loop clients, each sending its
 //!   next request when its answer comes, all `K`), until the device has idled as long as that
 //!   batch will run, and on while they keep coming (the last within 8 recent gaps, [`Pace`]),
-//!   never past the objective; with `K` clients this joins them into one group;
+//!   never past the objective; with `K` clients this joins them into one group (or half of
+//!   them into each of two, the second formed as soon as it is complete, when [`Split`] measured
+//!   two groups faster);
 //! - unless arrivals are spread in time (open loop: the median gap between them is not well
 //!   under the mean, [`BURSTY`]), or rows kept arriving while gathered batches ran (open loop
 //!   that comes in bursts, as a busy host's network stack delivers it: arrivals do not wait for
@@ -100,6 +106,77 @@ const BUSY_RECHECK: Duration = Duration::from_millis(1);
 /// as busy but makes smaller batches that leave more rows waiting (p50 9.3-11.6 ms against 6.9-7.7;
 /// p99 37-70 ms).
 const HANDOVER_LEAD: Duration = Duration::from_micros(250);
+
+/// On the CPU, gathered clients run as one group or as two ([`Split`]): each way is measured for
+/// this long (after [`SPLIT_SETTLE`]) in rows finished per second.
+const SPLIT_PHASE: Duration = Duration::from_millis(250);
+/// What a phase leaves out at its start: batches that still ran the previous way.
+const SPLIT_SETTLE: Duration = Duration::from_millis(50);
+/// One phase in this many runs the way not in use, to measure it again.
+const SPLIT_RETRY: u32 = 8;
+
+/// Whether gathered closed-loop clients run as one group (every client in one batch) or two
+/// (half of them in each batch, the second formed while the first runs, as Triton's dynamic
+/// batcher does with `max_batch_size` half the clients), whichever finishes more rows per
+/// second, measured in turn: phases of [`SPLIT_PHASE`] of one way, one in [`SPLIT_RETRY`] the
+/// other. Which is faster depends on how the model's compute and the HTTP work share the cores:
+/// measured on two cores with 64 clients (medians of 3 alternated runs, 2026-12-07), the MLP
+/// 256-1024-1024-10 made 25.9k req/s in two groups against 22.6k in one (HTTP overlaps compute),
+/// the MLP 512-2048-2048-10 10.8k against 11.7k (compute-bound: the larger batch is cheaper per
+/// row). A phase counts only while batches are gathered and keep finishing: one interrupted by a
+/// gap (traffic stopped, open loop) starts again.
+#[derive(Clone, Debug, Default)]
+pub struct Split {
+    two: bool,
+    /// Rows per second in one and in two groups, each from its last phase.
+    rate: [Option<f64>; 2],
+    /// The phase in progress: when its first batch finished, and rows finished since it settled.
+    phase: Option<(Instant, usize)>,
+    /// When the last batch finished.
+    last: Option<Instant>,
+    /// Phases since the way not in use was last measured.
+    since_retry: u32,
+}
+
+impl Split {
+    /// How many groups the gathered clients form: 1 or 2.
+    pub fn groups(&self) -> usize {
+        1 + usize::from(self.two)
+    }
+
+    /// A batch of `rows` finished at `now`; `gathering`: whether batches gather closed-loop groups.
+    pub fn finished(&mut self, rows: usize, now: Instant, gathering: bool) {
+        let gap = self.last.is_some_and(|last| now.saturating_duration_since(last) > SPLIT_PHASE);
+        self.last = Some(now);
+        if !gathering || gap {
+            self.phase = None;
+            return;
+        }
+        let (start, counted) = self.phase.get_or_insert((now, 0));
+        let settled = *start + SPLIT_SETTLE;
+        if now < settled {
+            return;
+        }
+        *counted += rows;
+        let measured = now.saturating_duration_since(settled);
+        if measured < SPLIT_PHASE {
+            return;
+        }
+        self.rate[usize::from(self.two)] = Some(*counted as f64 / measured.as_secs_f64());
+        self.phase = None;
+        self.since_retry += 1;
+        self.two = match self.rate {
+            [Some(one), Some(two)] if self.since_retry < SPLIT_RETRY => two > one,
+            [Some(one), Some(two)] => {
+                self.since_retry = 0;
+                two <= one
+            }
+            // The way not measured yet.
+            [_, None] => true,
+            [None, Some(_)] => false,
+        };
+    }
+}
 
 /// Execution time `t(b) = a + c·b`, fitted by least squares over the recent executions.
 #[derive(Clone, Debug, Default)]
@@ -379,6 +456,8 @@ pub struct Adaptive {
     open_until: Option<Instant>,
     /// How long the last such stop was.
     open_backoff: Duration,
+    /// One group of gathered clients or two.
+    pub split: Split,
 }
 
 impl Default for Adaptive {
@@ -417,6 +496,7 @@ impl Adaptive {
             open_looking: 0,
             open_until: None,
             open_backoff: Duration::ZERO,
+            split: Split::default(),
         }
     }
 
@@ -460,8 +540,14 @@ impl Adaptive {
     pub fn finished(&mut self, index: usize, now: Instant) {
         let ran = self.running[index].take();
         self.idle_since = Some(now);
+        if let Some(ran) = ran {
+            let gathering = self.gathering(now);
+            self.split.finished(ran.rows, now, gathering);
+        }
         let (Some(ran), Some(at_start)) = (ran, self.probes[index].take()) else { return };
         let arrived = usize::try_from(self.arrived_rows - at_start).unwrap_or(usize::MAX);
+        // In two groups, the other group's clients come back while this one runs.
+        let arrived = arrived.saturating_sub(self.population() * (self.split.groups() - 1) / self.split.groups());
         if arrived == 0 || arrived.saturating_mul(OPEN_SHARE) <= ran.rows {
             self.open_looking = 0;
             return;
@@ -484,7 +570,7 @@ impl Adaptive {
     /// (with `K` closed-loop clients, `K` once they run as one group), shared among the instances,
     /// within `max_batch`.
     pub fn target(&self, max_batch: usize) -> usize {
-        self.population().div_ceil(self.instances()).clamp(1, max_batch.max(1))
+        self.population().div_ceil(self.instances() * self.split.groups()).clamp(1, max_batch.max(1))
     }
 
     /// The most rows recent batches found in the system: with `K` closed-loop clients, `K`.
@@ -509,10 +595,14 @@ impl Adaptive {
     /// The most rows the next batch should take: `1/(N+1)` of what is in the system (running and
     /// queued) for `N` instances, so that the batches on the instances and the next one stay
     /// balanced and no instance waits on another share's round trip through HTTP.
-    /// On the CPU, where no batch waits formed while every instance runs, `max_batch`.
-    pub fn batch_limit(&self, queued_rows: usize, max_batch: usize) -> usize {
+    /// On the CPU, where no batch waits formed while every instance runs, `max_batch`, or one
+    /// group's share when gathered clients run in two groups ([`Split`]).
+    pub fn batch_limit(&self, now: Instant, queued_rows: usize, max_batch: usize) -> usize {
         if self.shares_cores {
-            return max_batch.max(1);
+            return match self.split.groups() > 1 && self.gathering(now) {
+                true => self.target(max_batch),
+                false => max_batch.max(1),
+            };
         }
         (self.running_rows() + queued_rows).div_ceil(self.instances() + 1).clamp(1, max_batch)
     }
@@ -532,6 +622,8 @@ impl Adaptive {
             // instance is free while gathering, else shortly before (see [`HANDOVER_LEAD`]).
             let free = self.first_free(now);
             return match gathering {
+                // In two groups, the next group's batch waits formed for the instance.
+                true if self.split.groups() > 1 && rows >= self.target(max_batch) => Plan::Run,
                 true => Plan::Busy(free + BUSY_RECHECK),
                 false if free <= now + HANDOVER_LEAD => Plan::Run,
                 false => Plan::Busy(free - HANDOVER_LEAD),
@@ -791,7 +883,7 @@ mod tests {
         ] {
             let running = running.iter().map(|&rows| (rows > 0).then_some(Running { until: t0, rows })).collect();
             let s = Adaptive { running, ..Adaptive::default() };
-            assert_eq!(s.batch_limit(queued, max), want, "{:?} running, {queued} queued", s.running);
+            assert_eq!(s.batch_limit(t0, queued, max), want, "{:?} running, {queued} queued", s.running);
         }
         // Predicted finish: busy 10 ms more, then 40 rows ahead in batches of 32: t(32) + t(8).
         let s = state(Some(10.0), 1000);
@@ -934,10 +1026,84 @@ mod tests {
         }
         let got = rows16.plan(t0, 16, t0, 64, slo);
         assert!(matches!(got, Plan::Wait(w) if w.max(t0 + ms(4.1)) - w.min(t0 + ms(4.1)) < us(20)), "{got:?}");
-        assert_eq!(burst().batch_limit(10, 64), 64, "no balance limit: no batch waits formed while busy");
-        assert_eq!(open(burst()).batch_limit(10, 64), 64, "nor in open loop");
+        assert_eq!(burst().batch_limit(t0, 10, 64), 64, "no balance limit: no batch waits formed while busy");
+        assert_eq!(open(burst()).batch_limit(t0, 10, 64), 64, "nor in open loop");
         let gpu = Adaptive { shares_cores: false, ..burst() };
-        assert_eq!(gpu.batch_limit(10, 64), 5, "a GPU's balance limit");
+        assert_eq!(gpu.batch_limit(t0, 10, 64), 5, "a GPU's balance limit");
+    }
+
+    #[test]
+    fn runs_one_group_or_two_whichever_finishes_more_rows() {
+        let t0 = Instant::now();
+        // Batches finish every `every` ms for `secs` seconds, gathered, with `rows(two)` rows each:
+        // the share of phases (measured after the first second) that ran in two groups.
+        let run = |split: &mut Split, start: f64, secs: f64, every: f64, rows: &dyn Fn(bool) -> usize| {
+            let (mut two, mut all) = (0, 0);
+            let mut t = start;
+            while t < start + secs * 1e3 {
+                split.finished(rows(split.groups() == 2), t0 + ms(t), true);
+                if t >= start + 1000.0 {
+                    all += 1;
+                    two += usize::from(split.groups() == 2);
+                }
+                t += every;
+            }
+            two as f64 / all as f64
+        };
+        let mut split = Split::default();
+        assert_eq!(split.groups(), 1);
+        // Two groups finish 20% more rows: they run, but for one phase in SPLIT_RETRY.
+        let share = run(&mut split, 0.0, 10.0, 1.0, &|two| if two { 30 } else { 25 });
+        assert!((0.8..0.95).contains(&share), "two groups {share}");
+        assert!(split.rate[1].unwrap() > split.rate[0].unwrap());
+        // The model or the load changes: one group is now the faster, and takes over.
+        let share = run(&mut split, 10_000.0, 10.0, 1.0, &|two| if two { 25 } else { 30 });
+        assert!((0.05..0.2).contains(&share), "one group {share}");
+        // Only gathered batches that keep coming count: a gap or open loop restarts the phase.
+        let mut split = Split::default();
+        for i in 0..40 {
+            split.finished(30, t0 + ms(f64::from(i) * 200.0), true);
+            split.finished(30, t0 + ms(f64::from(i) * 200.0 + 100.0), false);
+        }
+        assert_eq!((split.rate, split.groups()), ([None, None], 1), "never a whole phase");
+        let mut split = Split::default();
+        split.finished(30, t0, true);
+        split.finished(30, t0 + ms(400.0), true);
+        split.finished(30, t0 + ms(800.0), true);
+        assert_eq!(split.rate, [None, None], "batches 400 ms apart: no phase");
+    }
+
+    #[test]
+    fn two_groups_form_half_batches_and_expect_the_other_half_while_one_runs() {
+        let t0 = Instant::now();
+        let at = |x: f64| t0 + ms(x);
+        let mut s = Adaptive { shares_cores: true, ..Adaptive::default() };
+        s.latency.observe(1, 1e-3);
+        s.latency.observe(33, 2e-3);
+        for i in (0..PACE_ARRIVALS as u64).rev() {
+            s.pace.observe(t0 - Duration::from_micros(20 * i));
+        }
+        s.queued(64, 64);
+        s.formed(t0, 0);
+        s.split.two = true;
+        assert!(s.gathering(t0));
+        assert_eq!((s.target(64), s.batch_limit(t0, 64, 64)), (32, 32));
+        // Busy: the next group's batch is formed as soon as it is complete, not before.
+        let busy = Adaptive { running: vec![Some(Running { until: at(2.0), rows: 32 })], ..s.clone() };
+        assert_eq!(busy.plan(t0, 32, t0, 32, ms(100.0)), Plan::Run);
+        assert!(matches!(busy.plan(t0, 20, t0, 32, ms(100.0)), Plan::Busy(_)));
+        // The other group's 32 clients arrive while a batch runs: closed loop, not open.
+        for i in 0..6 {
+            let start = 4.0 * f64::from(i);
+            s.queued(32, 32);
+            s.formed(at(start), 32);
+            s.started(0, 32, at(start + 2.0));
+            for q in 1..=33 {
+                s.queued(1, q);
+            }
+            s.finished(0, at(start + 2.0));
+        }
+        assert!(s.gathering(at(24.0)), "two groups are not open loop");
     }
 
     #[test]

@@ -202,7 +202,7 @@ impl<T: Waiting> BatchQueue<T> {
         let earliest = match self.config.latency_slo {
             // (Nothing learnt yet: no prediction to refuse on.)
             Some(slo) => self.adaptive.device_free_at(now).and_then(|free| {
-                let next = self.adaptive.batch_limit(self.rows, self.config.max_batch_size).min(self.rows);
+                let next = self.adaptive.batch_limit(now, self.rows, self.config.max_batch_size).min(self.rows);
                 let run = Duration::from_secs_f64(self.adaptive.latency.predict(next)?);
                 Some((slo, now + (free - now + run).mul_f64(self.adaptive.calibration.factor().min(1.0))))
             }),
@@ -242,7 +242,7 @@ impl<T: Waiting> BatchQueue<T> {
         let mut oldest: Option<Instant> = None;
         let mut first_shape = None;
         let limit = match self.config.latency_slo {
-            Some(_) => self.adaptive.batch_limit(self.rows, self.config.max_batch_size),
+            Some(_) => self.adaptive.batch_limit(now, self.rows, self.config.max_batch_size),
             None => self.config.max_batch_size,
         };
         for (k, e) in &self.entries {
