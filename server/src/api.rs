@@ -403,7 +403,7 @@ async fn run_infer(
             if let Some(shadow) = r.mirrors(name, key.as_deref()) {
                 mirror(st, name, shadow, &answer);
             }
-            (answer, Some(r.variants[served].label.clone()))
+            (answer, Some(r.variants[served].label.as_str()))
         }
     };
     let version = answer.version;
@@ -428,7 +428,7 @@ async fn run_infer(
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
     }
-    name_version(h, version, label.as_deref());
+    name_version(h, version, label);
     Ok(response)
 }
 

@@ -596,7 +596,8 @@ impl Adaptive {
     /// queued) for `N` instances, so that the batches on the instances and the next one stay
     /// balanced and no instance waits on another share's round trip through HTTP.
     /// On the CPU, where no batch waits formed while every instance runs, `max_batch`, or one
-    /// group's share when gathered clients run in two groups ([`Split`]).
+    /// group's share when gathered clients run in two groups ([`Split`]): a complete group is then
+    /// a full batch, formed at once even while the instance is busy.
     pub fn batch_limit(&self, now: Instant, queued_rows: usize, max_batch: usize) -> usize {
         if self.shares_cores {
             return match self.split.groups() > 1 && self.gathering(now) {
@@ -622,8 +623,6 @@ impl Adaptive {
             // instance is free while gathering, else shortly before (see [`HANDOVER_LEAD`]).
             let free = self.first_free(now);
             return match gathering {
-                // In two groups, the next group's batch waits formed for the instance.
-                true if self.split.groups() > 1 && rows >= self.target(max_batch) => Plan::Run,
                 true => Plan::Busy(free + BUSY_RECHECK),
                 false if free <= now + HANDOVER_LEAD => Plan::Run,
                 false => Plan::Busy(free - HANDOVER_LEAD),
