@@ -85,7 +85,9 @@ pub fn load_model(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
 }
 
 /// Loads `instances` copies of a version, one per executor (see [`Scheduler`](crate::Scheduler)):
-/// each holds its own state (tract's plans, a GPU's weights and stream), so none waits on another.
+/// each holds its own state (a GPU's weights and stream, candle's tensors), so none waits on
+/// another; a model that runs batches side by side from one copy ([`Model::concurrent`]: tract's)
+/// is loaded once and shared.
 /// Copies after the first go where the first went, without falling back: a version whose copies
 /// would not all fit the GPU is refused (or, `auto`, loads on the CPU) as a whole, before the
 /// first copy is placed; a GPU version never runs half on the CPU.
@@ -96,6 +98,10 @@ pub fn load_instances(
 ) -> Result<Vec<Arc<dyn Model>>, EngineError> {
     let instances = instances.max(1);
     let first = load_model(files, &LoadOptions { copies: instances, ..options.clone() })?;
+    if first.concurrent() {
+        // One copy runs them all (tract: weights shared, a run state per batch in flight).
+        return Ok(vec![first; instances]);
+    }
     let rest = LoadOptions { device: first.device(), cpu_fallback: false, copies: 1, ..options.clone() };
     let mut all = vec![first];
     for _ in 1..instances {

@@ -102,4 +102,16 @@ pub trait Model: Send + Sync {
         0
     }
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError>;
+    /// Whether one loaded copy runs several batches at once (from several threads, sharing its
+    /// weights), so that the CPU scheduler may run batches side by side on it
+    /// ([`Model::run_in_lane`]).
+    fn concurrent(&self) -> bool {
+        false
+    }
+    /// `run` on the `lane`-th of `lanes` equal shares of the cores, for a backend that otherwise
+    /// spreads a batch over a pool of every core (tract): the scheduler runs `lanes` batches side
+    /// by side. Others run as `run`.
+    fn run_in_lane(&self, inputs: Vec<Tensor>, _lane: usize, _lanes: usize) -> Result<Vec<Tensor>, EngineError> {
+        self.run(inputs)
+    }
 }

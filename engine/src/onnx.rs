@@ -20,9 +20,8 @@ type Plan = Arc<TypedRunnableModel>;
 
 pub struct OnnxModel {
     signature: Signature,
-    /// The plan's run state, reused from batch to batch (one executor runs a model at a time, so
-    /// the lock is uncontended; it saves re-allocating the state on every batch).
-    state: std::sync::Mutex<TypedSimpleState>,
+    /// The symbolic plan, for batch sizes without a concrete one.
+    states: States,
     per_batch: Option<PerBatchPlans>,
     input_dts: Vec<DatumType>,
 }
@@ -44,8 +43,8 @@ struct PerBatchPlans {
 }
 
 struct Ladder {
-    /// Ascending batch sizes, each with its plan's run state.
-    plans: Vec<(usize, std::sync::Mutex<TypedSimpleState>)>,
+    /// Ascending batch sizes, each with its plan.
+    plans: Vec<(usize, States)>,
     /// Whether every output has the batch's rows along dim 0, so padded rows can be cut off;
     /// when not, a plan serves only batches of exactly its size.
     paddable: bool,
@@ -77,11 +76,11 @@ impl PerBatchPlans {
                 let sizes = ladder_sizes(largest, fits);
                 for &size in &sizes[..sizes.len() - 1] {
                     if let Ok(plan) = plan_for(&template, size).and_then(spawn) {
-                        ladder.plans.push((size, std::sync::Mutex::new(plan)));
+                        ladder.plans.push((size, plan));
                     }
                 }
                 if let Ok(plan) = spawn(top) {
-                    ladder.plans.push((largest, std::sync::Mutex::new(plan)));
+                    ladder.plans.push((largest, plan));
                 }
             }
         }
@@ -90,7 +89,7 @@ impl PerBatchPlans {
 
     /// The plan that serves a batch of `rows`: the smallest at least as large, if padding to it
     /// adds under a third of the rows (a size the ladder was thinned around runs symbolic).
-    fn for_rows(&self, rows: usize) -> Option<(usize, &std::sync::Mutex<TypedSimpleState>)> {
+    fn for_rows(&self, rows: usize) -> Option<(usize, &States)> {
         let ladder = self.ladder.get()?;
         let (size, state) = ladder.plans.iter().find(|(size, _)| *size >= rows)?;
         (*size == rows || (ladder.paddable && 3 * *size < 4 * rows)).then_some((*size, state))
@@ -139,8 +138,36 @@ fn plan_for(template: &InferenceModel, batch: usize) -> TractResult<TypedModel> 
     optimise(model)
 }
 
-fn spawn(model: TypedModel) -> TractResult<TypedSimpleState> {
-    model.into_runnable()?.spawn()
+fn spawn(model: TypedModel) -> TractResult<States> {
+    States::new(model.into_runnable()?)
+}
+
+/// A plan and its run states, reused from batch to batch (allocating a state per batch costs):
+/// one per batch running on the plan at once (the scheduler runs one batch per core on the CPU
+/// when that is faster, all sharing the model's weights; see [`Model::concurrent`]).
+struct States {
+    plan: Plan,
+    idle: std::sync::Mutex<Vec<TypedSimpleState>>,
+}
+
+impl States {
+    fn new(plan: Plan) -> TractResult<States> {
+        let state = plan.spawn()?;
+        Ok(States { plan, idle: std::sync::Mutex::new(vec![state]) })
+    }
+
+    /// Runs the plan on an idle state, or a new one when every state is in use. (The lock ignores
+    /// poisoning: a batch that panicked takes its state with it and leaves nothing behind.)
+    fn run(&self, values: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut state = match idle {
+            Some(state) => state,
+            None => self.plan.spawn()?,
+        };
+        let outputs = state.run(values);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(state);
+        outputs
+    }
 }
 
 /// Bytes of the constants an optimised model holds: constant tensors (folded weights) and the
@@ -195,22 +222,53 @@ fn optimise(model: InferenceModel) -> TractResult<TypedModel> {
     typed.into_optimized()
 }
 
-/// Gives tract's matrix products a pool of `ALGOLINK_TRACT_THREADS` threads (default: every
-/// core), once per process; tract otherwise runs every product on the calling thread. Products
-/// too small to gain from threads still run inline (tract's own panel threshold).
+/// The threads tract's matrix products run on: `ALGOLINK_TRACT_THREADS`, by default every core.
+fn tract_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::env::var("ALGOLINK_TRACT_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    })
+}
+
+/// Gives tract's matrix products a pool of [`tract_threads`], once per process; tract otherwise
+/// runs every product on the calling thread. Products too small to gain from threads still run
+/// inline (tract's own panel threshold).
 fn use_all_cores() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let threads = std::env::var("ALGOLINK_TRACT_THREADS")
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if threads > 1 {
+        if tract_threads() > 1 {
             tract_linalg::multithread::set_default_executor(
-                tract_linalg::multithread::Executor::multithread_with_name(threads, "algolink-tract"),
+                tract_linalg::multithread::Executor::multithread_with_name(tract_threads(), "algolink-tract"),
             );
         }
     });
+}
+
+/// What the `lane`-th of `lanes` batches side by side runs its products on: its share of
+/// [`tract_threads`] (the calling thread alone for a share of one), each lane its own pool so
+/// that none queues behind another's products. `None`: one lane, the default pool.
+fn lane_executor(lane: usize, lanes: usize) -> Option<tract_linalg::multithread::Executor> {
+    use tract_linalg::multithread::Executor;
+    type Pools = std::collections::HashMap<usize, Vec<Executor>>;
+    static POOLS: std::sync::Mutex<Option<Pools>> = std::sync::Mutex::new(None);
+    if lanes <= 1 {
+        return None;
+    }
+    let share = (tract_threads() / lanes).max(1);
+    let mut pools = POOLS.lock().unwrap_or_else(|p| p.into_inner());
+    let per_lane = pools.get_or_insert_with(Pools::new).entry(lanes).or_insert_with(|| {
+        (0..lanes)
+            .map(|l| match share {
+                1 => Executor::SingleThread,
+                n => Executor::multithread_with_name(n, &format!("algolink-tract-lane{l}")),
+            })
+            .collect()
+    });
+    per_lane.get(lane).cloned()
 }
 
 impl OnnxModel {
@@ -295,7 +353,7 @@ impl OnnxModel {
         }
         let input_dts = input_specs.iter().map(|s| datum_of(s.datatype)).collect::<Result<_, _>>()?;
         let plan: Plan = typed.into_runnable().map_err(|e| classify(&e))?;
-        let state = std::sync::Mutex::new(plan.spawn().map_err(|e| classify(&e))?);
+        let states = States::new(plan).map_err(|e| classify(&e))?;
         let per_batch = template.map(PerBatchPlans::new);
         let pad_to_longest = paddable(&input_specs, &output_specs);
         Ok(OnnxModel {
@@ -306,7 +364,7 @@ impl OnnxModel {
                 outputs: output_specs,
                 pad_to_longest,
             },
-            state,
+            states,
             input_dts,
         })
     }
@@ -334,11 +392,20 @@ impl Model for OnnxModel {
         }
     }
 
+    fn concurrent(&self) -> bool {
+        true
+    }
+
+    fn run_in_lane(&self, inputs: Vec<HostTensor>, lane: usize, lanes: usize) -> Result<Vec<HostTensor>, EngineError> {
+        match lane_executor(lane, lanes) {
+            Some(executor) => tract_linalg::multithread::multithread_tract_scope(executor, || self.run(inputs)),
+            None => self.run(inputs),
+        }
+    }
+
     fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
         let exec = |e: TractError| EngineError::Execution(format!("{e:#}"));
         let rows = inputs.first().map_or(1, HostTensor::rows);
-        // The locks below ignore poisoning: a batch that panicked leaves nothing behind that the
-        // next run depends on.
         // Only fixed-size inputs can be padded with zero rows.
         let raw = inputs.iter().all(|t| matches!(t.data, TensorData::Raw(_)));
         let concrete = self.per_batch.as_ref().and_then(|p| p.for_rows(rows)).filter(|&(size, _)| size == rows || raw);
@@ -347,10 +414,8 @@ impl Model for OnnxModel {
         for (t, &dt) in inputs.iter().zip(&self.input_dts) {
             values.push(to_tract(t, dt, padded)?.into_tvalue());
         }
-        let outputs = match concrete {
-            Some((_, state)) => state.lock().unwrap_or_else(|p| p.into_inner()).run(values).map_err(exec)?,
-            None => self.state.lock().unwrap_or_else(|p| p.into_inner()).run(values).map_err(exec)?,
-        };
+        let states = concrete.map_or(&self.states, |(_, states)| states);
+        let outputs = states.run(values).map_err(exec)?;
         outputs.iter().map(|v| from_tract(v, rows, padded)).collect()
     }
 }

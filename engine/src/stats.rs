@@ -105,6 +105,11 @@ pub struct Stats {
     pub prediction_factor_ppm: AtomicU64,
     /// Each wait the batcher chose (for a fuller batch, or until the device frees up).
     pub planned_wait_seconds: Histogram,
+    /// Adaptive mode on the CPU: the groups gathered clients run in (1 or 2, see
+    /// [`Split`](crate::scheduler::adaptive::Split)), and the rows per second each way made when
+    /// last measured.
+    pub groups: AtomicU64,
+    pub groups_rows_per_second: [AtomicU64; 2],
     /// Dropped because the client went away before the device.
     pub cancelled: AtomicU64,
     /// Requests waiting now.
@@ -136,6 +141,8 @@ impl Default for Stats {
             fit_per_row_ns: AtomicU64::new(0),
             prediction_factor_ppm: AtomicU64::new(1_000_000),
             planned_wait_seconds: Histogram::new(&LATENCY_BUCKETS),
+            groups: AtomicU64::new(1),
+            groups_rows_per_second: Default::default(),
             cancelled: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             rows: AtomicU64::new(0),

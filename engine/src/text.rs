@@ -169,4 +169,12 @@ impl Model for TextModel {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
         self.inner.run(inputs)
     }
+
+    fn concurrent(&self) -> bool {
+        self.inner.concurrent()
+    }
+
+    fn run_in_lane(&self, inputs: Vec<Tensor>, lane: usize, lanes: usize) -> Result<Vec<Tensor>, EngineError> {
+        self.inner.run_in_lane(inputs, lane, lanes)
+    }
 }

@@ -53,3 +53,28 @@ fn symbolic_sequence_length_runs_at_any_length() {
         assert_eq!(out[0].shape, vec![2, seq, 32]);
     }
 }
+
+#[test]
+fn one_copy_runs_batches_side_by_side() {
+    // The scheduler's CPU pair runs two batches at once on one copy, each on its lane's share of
+    // the cores: every answer is the batch's own, as when it runs alone on every core.
+    let model = load("torch_mlp.onnx", 8);
+    assert!(model.concurrent(), "tract models share their weights between lanes");
+    let x: Vec<f32> = (0..8 * 16).map(|i| ((i * 37) % 11) as f32 * 0.3 - 1.5).collect();
+    let batch = |rows: usize| Tensor::from_f32(vec![rows, 16], &x[..rows * 16]).unwrap();
+    let alone: Vec<Vec<f32>> =
+        [5, 8].iter().map(|&rows| model.run(vec![batch(rows)]).unwrap()[0].to_f32().unwrap()).collect();
+    std::thread::scope(|s| {
+        for (lane, (rows, want)) in [5usize, 8].into_iter().zip(&alone).enumerate() {
+            let (model, batch) = (&model, &batch);
+            s.spawn(move || {
+                for _ in 0..200 {
+                    let got = model.run_in_lane(vec![batch(rows)], lane, 2).unwrap()[0].to_f32().unwrap();
+                    for (a, b) in got.iter().zip(want) {
+                        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "lane {lane}: {a} against {b} alone");
+                    }
+                }
+            });
+        }
+    });
+}

@@ -104,6 +104,33 @@ pub fn render(st: &AppState, sees: &dyn Fn(&str) -> bool, server_wide: bool) -> 
     );
     series(
         &mut out,
+        "algolink_batch_groups",
+        "gauge",
+        "Adaptive mode on the CPU: the groups gathered clients run in (1: one batch at a time on \
+         every core; 2: two batches, side by side on half the cores each where the model allows, \
+         else in turn).",
+        &|out, l, s| {
+            let _ = writeln!(out, "algolink_batch_groups{{{l}}} {}", s.groups.load(Relaxed));
+        },
+    );
+    series(
+        &mut out,
+        "algolink_batch_groups_rows_per_second",
+        "gauge",
+        "Adaptive mode on the CPU: the rows per second gathered clients made in each number of \
+         groups, when last measured (0: not yet).",
+        &|out, l, s| {
+            for (groups, rate) in [1, 2].iter().zip(&s.groups_rows_per_second) {
+                let _ = writeln!(
+                    out,
+                    "algolink_batch_groups_rows_per_second{{{l},groups=\"{groups}\"}} {}",
+                    rate.load(Relaxed)
+                );
+            }
+        },
+    );
+    series(
+        &mut out,
         "algolink_latency_prediction_ratio",
         "gauge",
         "Adaptive admission's correction: the 99th percentile of recent requests' actual latency \

@@ -30,7 +30,11 @@
 //! above 11.4k) unless the HTTP work overlapping the compute is worth more than the larger batch
 //! (the small MLP: two groups of 32, the second formed while the first runs, 25.9k against 22.6k
 //! in one group). Which of the two holds is measured, not predicted ([`Split`]: each in turn,
-//! the faster kept). So on the CPU ([`Adaptive::gather`]):
+//! the faster kept). A model that runs batches side by side from one copy (tract's) gets a pair
+//! of executors on the CPU instead ([`Adaptive::lanes`]): there the two groups run at once, on
+//! half the cores each, which on two cores beats both one batch on every core and two in turn
+//! for the small MLP (16-row requests from 16 clients, medians of 6 alternated windows: 37.0k
+//! rows/s against 34.9k). So on the CPU ([`Adaptive::gather`]):
 //! - while every instance is busy, no batch is formed (unless a full one is queued): what arrives
 //!   meanwhile joins the next batch rather than making a small one (in two groups: unless the
 //!   next group is complete; forming it at once, as on a
@@ -112,8 +116,14 @@ const HANDOVER_LEAD: Duration = Duration::from_micros(250);
 const SPLIT_PHASE: Duration = Duration::from_millis(250);
 /// What a phase leaves out at its start: batches that still ran the previous way.
 const SPLIT_SETTLE: Duration = Duration::from_millis(50);
+/// Batches this far apart end a [`Split`] phase: the traffic stopped.
+const SPLIT_GAP: Duration = Duration::from_millis(100);
 /// One phase in this many runs the way not in use, to measure it again.
 const SPLIT_RETRY: u32 = 8;
+/// Each way's rate is the mean of its last this many phases: a busy host's speed drifts by 10-20%
+/// within seconds, more than the difference between the ways (one phase each chose two groups
+/// for the MLP 512-2048-2048-10, 13% slower that way).
+const SPLIT_SAMPLES: usize = 3;
 
 /// Whether gathered closed-loop clients run as one group (every client in one batch) or two
 /// (half of them in each batch, the second formed while the first runs, as Triton's dynamic
@@ -123,19 +133,32 @@ const SPLIT_RETRY: u32 = 8;
 /// measured on two cores with 64 clients (medians of 3 alternated runs, 2026-12-07), the MLP
 /// 256-1024-1024-10 made 25.9k req/s in two groups against 22.6k in one (HTTP overlaps compute),
 /// the MLP 512-2048-2048-10 10.8k against 11.7k (compute-bound: the larger batch is cheaper per
-/// row). A phase counts only while batches are gathered and keep finishing: one interrupted by a
-/// gap (traffic stopped, open loop) starts again.
+/// row). On the CPU pair ([`Adaptive::lanes`]) the two groups run side by side instead, and the
+/// split also decides whether batches that are not gathered (open loop, or more clients than a
+/// batch holds) run one at a time on every core or two at once. A phase counts only while the
+/// device sets the pace (batches gathered, or on the pair full or with rows left queued) and
+/// batches keep finishing: one interrupted by a gap (traffic stopped) starts again.
 #[derive(Clone, Debug, Default)]
 pub struct Split {
     two: bool,
-    /// Rows per second in one and in two groups, each from its last phase.
-    rate: [Option<f64>; 2],
-    /// The phase in progress: when its first batch finished, and rows finished since it settled.
-    phase: Option<(Instant, usize)>,
+    /// Rows per second in one and in two groups, from their last phases (up to [`SPLIT_SAMPLES`]).
+    rates: [VecDeque<f64>; 2],
+    /// The phase in progress.
+    phase: Option<Phase>,
     /// When the last batch finished.
     last: Option<Instant>,
     /// Phases since the way not in use was last measured.
     since_retry: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Phase {
+    /// When its first batch finished.
+    start: Instant,
+    /// Since it settled: rows finished, batches finished, and of those the batches that count.
+    rows: usize,
+    batches: u32,
+    counted: u32,
 }
 
 impl Split {
@@ -144,36 +167,59 @@ impl Split {
         1 + usize::from(self.two)
     }
 
-    /// A batch of `rows` finished at `now`; `gathering`: whether batches gather closed-loop groups.
-    pub fn finished(&mut self, rows: usize, now: Instant, gathering: bool) {
-        let gap = self.last.is_some_and(|last| now.saturating_duration_since(last) > SPLIT_PHASE);
+    /// Rows per second in one group and in two: the mean of their last phases.
+    pub fn rates(&self) -> [Option<f64>; 2] {
+        let mean = |r: &VecDeque<f64>| (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64);
+        [mean(&self.rates[0]), mean(&self.rates[1])]
+    }
+
+    /// A batch of `rows` finished at `now`; `counts`: whether the device set its pace (see
+    /// [`Adaptive::formed`]), so that rows per second measure the way it ran. A phase starts on
+    /// a batch that counts and is kept when at least half of its batches do (the pair in two
+    /// lanes leaves one batch in a few short, with nothing queued: keeping only phases where
+    /// every batch counted, two lanes were never measured), and ends unmeasured at a gap of
+    /// [`SPLIT_GAP`] between batches (the traffic stopped).
+    pub fn finished(&mut self, rows: usize, now: Instant, counts: bool) {
+        let gap = self.last.is_some_and(|last| now.saturating_duration_since(last) > SPLIT_GAP);
         self.last = Some(now);
-        if !gathering || gap {
+        if gap || (!counts && self.phase.is_none()) {
             self.phase = None;
             return;
         }
-        let (start, counted) = self.phase.get_or_insert((now, 0));
-        let settled = *start + SPLIT_SETTLE;
+        let phase = self.phase.get_or_insert(Phase { start: now, rows: 0, batches: 0, counted: 0 });
+        let settled = phase.start + SPLIT_SETTLE;
         if now < settled {
             return;
         }
-        *counted += rows;
+        phase.rows += rows;
+        phase.batches += 1;
+        phase.counted += u32::from(counts);
         let measured = now.saturating_duration_since(settled);
         if measured < SPLIT_PHASE {
             return;
         }
-        self.rate[usize::from(self.two)] = Some(*counted as f64 / measured.as_secs_f64());
-        self.phase = None;
+        let Some(phase) = self.phase.take() else { return };
+        if phase.counted * 2 < phase.batches {
+            return;
+        }
+        let rates = &mut self.rates[usize::from(self.two)];
+        if rates.len() == SPLIT_SAMPLES {
+            rates.pop_front();
+        }
+        rates.push_back(phase.rows as f64 / measured.as_secs_f64());
+        // Each way in turn until both have two phases; then the faster, the other once in a while.
+        if self.rates.iter().any(|r| r.len() < 2) {
+            self.two =
+                self.rates[1].len() < self.rates[0].len() || (self.rates[0].len() == self.rates[1].len() && !self.two);
+            return;
+        }
+        let [Some(one), Some(two)] = self.rates() else { return };
         self.since_retry += 1;
-        self.two = match self.rate {
-            [Some(one), Some(two)] if self.since_retry < SPLIT_RETRY => two > one,
-            [Some(one), Some(two)] => {
-                self.since_retry = 0;
-                two <= one
-            }
-            // The way not measured yet.
-            [_, None] => true,
-            [None, Some(_)] => false,
+        self.two = if self.since_retry < SPLIT_RETRY {
+            two > one
+        } else {
+            self.since_retry = 0;
+            two <= one
         };
     }
 }
@@ -448,6 +494,15 @@ pub struct Adaptive {
     arrived_rows: u64,
     /// Whether the last batch formed was gathered (and so tells open from closed loop).
     gathered: bool,
+    /// Whether the last batch formed was gathered, or full or left rows queued behind it: the
+    /// device, not the clients, then sets the pace, and [`Split`] measures by it.
+    backlog: bool,
+    /// Per instance, whether the batch on it was so formed (full or with rows left behind only on
+    /// the CPU pair, where the split sets the lanes whether batches gather or not). (Not: one
+    /// that started without the instance idling. On every core, batches leave the HTTP work to
+    /// the gaps between them: the MLP 512-2048-2048-10 idled a quarter of its batches' run before
+    /// most of them at saturation.)
+    measures: Vec<bool>,
     /// Per instance, for a gathered batch on it, the rows that had arrived when it started.
     probes: Vec<Option<u64>>,
     /// Gathered batches in a row that looked open-loop.
@@ -458,6 +513,11 @@ pub struct Adaptive {
     open_backoff: Duration,
     /// One group of gathered clients or two.
     pub split: Split,
+    /// The CPU's pair of executors sharing one copy of the model ([`Adaptive::lanes`]).
+    pub paired: bool,
+    /// Executors holding a lane: waiting for the next batch or running one (kept by the
+    /// scheduler; at most [`Adaptive::lanes`] take one).
+    pub lanes_taken: usize,
 }
 
 impl Default for Adaptive {
@@ -492,11 +552,15 @@ impl Adaptive {
             shed_at: None,
             arrived_rows: 0,
             gathered: false,
+            backlog: false,
+            measures: vec![false; instances.max(1)],
             probes: vec![None; instances.max(1)],
             open_looking: 0,
             open_until: None,
             open_backoff: Duration::ZERO,
             split: Split::default(),
+            paired: false,
+            lanes_taken: 0,
         }
     }
 
@@ -510,14 +574,16 @@ impl Adaptive {
         self.peak = self.peak.max(queued_rows + self.running_rows() + self.handed_over_rows);
     }
 
-    /// A batch is formed at `now` while `queued_rows` wait.
-    pub fn formed(&mut self, now: Instant, queued_rows: usize) {
+    /// A batch is formed at `now` while `queued_rows` (its own included) wait; `saturated`: it is
+    /// as large as a batch may be, or rows are left queued behind it.
+    pub fn formed(&mut self, now: Instant, queued_rows: usize, saturated: bool) {
         self.note_peak(queued_rows);
         if self.formed.len() == FORMED_WINDOW {
             self.formed.pop_front();
         }
         self.formed.push_back(std::mem::take(&mut self.peak));
         self.gathered = self.gathering(now);
+        self.backlog = self.gathered || (self.paired && saturated);
     }
 
     /// Instance `index` starts a batch of `rows` (handed over), predicted to end `until`.
@@ -525,6 +591,7 @@ impl Adaptive {
         self.running[index] = Some(Running { until, rows });
         self.handed_over_rows = self.handed_over_rows.saturating_sub(rows);
         self.probes[index] = std::mem::take(&mut self.gathered).then_some(self.arrived_rows);
+        self.measures[index] = std::mem::take(&mut self.backlog);
     }
 
     /// Instance `index` finished its batch at `now`.
@@ -541,8 +608,7 @@ impl Adaptive {
         let ran = self.running[index].take();
         self.idle_since = Some(now);
         if let Some(ran) = ran {
-            let gathering = self.gathering(now);
-            self.split.finished(ran.rows, now, gathering);
+            self.split.finished(ran.rows, now, self.measures[index]);
         }
         let (Some(ran), Some(at_start)) = (ran, self.probes[index].take()) else { return };
         let arrived = usize::try_from(self.arrived_rows - at_start).unwrap_or(usize::MAX);
@@ -570,7 +636,9 @@ impl Adaptive {
     /// (with `K` closed-loop clients, `K` once they run as one group), shared among the instances,
     /// within `max_batch`.
     pub fn target(&self, max_batch: usize) -> usize {
-        self.population().div_ceil(self.instances() * self.split.groups()).clamp(1, max_batch.max(1))
+        // (Paired, the groups are the lanes.)
+        let groups = if self.paired { 1 } else { self.split.groups() };
+        self.population().div_ceil(self.lanes() * groups).clamp(1, max_batch.max(1))
     }
 
     /// The most rows recent batches found in the system: with `K` closed-loop clients, `K`.
@@ -582,6 +650,17 @@ impl Adaptive {
         self.running.len()
     }
 
+    /// How many batches may run at once: one per instance, except on the CPU's pair of executors
+    /// ([`Adaptive::paired`]: one copy of a model that runs several batches at once, see
+    /// [`Model::concurrent`](crate::Model::concurrent)), where it is what [`Split`] measured
+    /// faster: one batch at a time on every core (one group), or two side by side on one core
+    /// each (two groups; measured on two cores, the MLP 256-1024-1024-10 at batch 64 made
+    /// 52-55k rows/s so against 42-46k on both cores, the MLP 512-2048-2048-10 8.8-9.8k against
+    /// 10.2-10.9k).
+    pub fn lanes(&self) -> usize {
+        if self.paired { self.split.groups() } else { self.running.len() }
+    }
+
     /// Rows on the instances now.
     pub fn running_rows(&self) -> usize {
         self.running.iter().flatten().map(|r| r.rows).sum()
@@ -589,7 +668,7 @@ impl Adaptive {
 
     /// Whether every instance runs a batch.
     pub fn all_busy(&self) -> bool {
-        self.running.iter().all(Option::is_some)
+        self.running.iter().flatten().count() >= self.lanes()
     }
 
     /// The most rows the next batch should take: `1/(N+1)` of what is in the system (running and
@@ -638,7 +717,7 @@ impl Adaptive {
     /// does, within the objective.
     fn keep_up(&self, now: Instant, rows: usize, oldest: Instant, max_batch: usize, slo: Duration) -> Plan {
         // Each instance serves its share of the arrivals.
-        let lambda = self.arrivals.rows_per_second(now) / self.instances() as f64;
+        let lambda = self.arrivals.rows_per_second(now) / self.lanes() as f64;
         let Some((a, c)) = self.latency.coefficients() else {
             return Plan::Run; // nothing learnt yet
         };
@@ -750,6 +829,10 @@ impl Adaptive {
     /// When each instance is free of the batch on it, the handed-over batch going to the first.
     fn free_times(&self, now: Instant) -> Option<Vec<Instant>> {
         let mut free: Vec<Instant> = self.running.iter().map(|r| r.map_or(now, |r| r.until.max(now))).collect();
+        if self.lanes() < free.len() {
+            // Paired in one lane: it is free once every batch on it is done.
+            free = vec![free.into_iter().max().expect("at least one instance")];
+        }
         if self.handed_over_rows > 0 {
             let took = Duration::from_secs_f64(self.latency.predict(self.handed_over_rows)?);
             *free.iter_mut().min().expect("at least one instance") += took;
@@ -930,15 +1013,15 @@ mod tests {
         s.running[0] = Some(Running { until: t0, rows: 30 });
         s.queued(10, 20); // 20 queued beside 30 running: 50 in the system
         s.running[0] = None;
-        s.formed(t0, 20);
+        s.formed(t0, 20, false);
         assert_eq!(s.target(64), 50);
         assert_eq!(s.target(32), 32, "within the maximum");
         for _ in 0..FORMED_WINDOW {
-            s.formed(t0, 5);
+            s.formed(t0, 5, false);
         }
         assert_eq!(s.target(64), 5, "only recent batches count");
         let mut two = Adaptive { shares_cores: true, ..Adaptive::with_instances(2) };
-        two.formed(t0, 9);
+        two.formed(t0, 9, false);
         assert_eq!(two.target(64), 5, "each of two instances gathers its share");
     }
 
@@ -961,7 +1044,7 @@ mod tests {
             }
             s.pace.rate = s.arrivals.clone(); // one row per request
             s.queued(target, target);
-            s.formed(t0, 0);
+            s.formed(t0, 0, false);
             s.idle_since = Some(t0 - ms(idle_for));
             s
         };
@@ -1054,7 +1137,8 @@ mod tests {
         // Two groups finish 20% more rows: they run, but for one phase in SPLIT_RETRY.
         let share = run(&mut split, 0.0, 10.0, 1.0, &|two| if two { 30 } else { 25 });
         assert!((0.8..0.95).contains(&share), "two groups {share}");
-        assert!(split.rate[1].unwrap() > split.rate[0].unwrap());
+        let [Some(one), Some(two)] = split.rates() else { panic!("both measured") };
+        assert!(two > one);
         // The model or the load changes: one group is now the faster, and takes over.
         let share = run(&mut split, 10_000.0, 10.0, 1.0, &|two| if two { 25 } else { 30 });
         assert!((0.05..0.2).contains(&share), "one group {share}");
@@ -1064,12 +1148,12 @@ mod tests {
             split.finished(30, t0 + ms(f64::from(i) * 200.0), true);
             split.finished(30, t0 + ms(f64::from(i) * 200.0 + 100.0), false);
         }
-        assert_eq!((split.rate, split.groups()), ([None, None], 1), "never a whole phase");
+        assert_eq!((split.rates(), split.groups()), ([None, None], 1), "never a whole phase");
         let mut split = Split::default();
         split.finished(30, t0, true);
         split.finished(30, t0 + ms(400.0), true);
         split.finished(30, t0 + ms(800.0), true);
-        assert_eq!(split.rate, [None, None], "batches 400 ms apart: no phase");
+        assert_eq!(split.rates(), [None, None], "batches 400 ms apart: no phase");
     }
 
     #[test]
@@ -1083,7 +1167,7 @@ mod tests {
             s.pace.observe(t0 - Duration::from_micros(20 * i));
         }
         s.queued(64, 64);
-        s.formed(t0, 0);
+        s.formed(t0, 0, false);
         s.split.two = true;
         assert!(s.gathering(t0));
         assert_eq!((s.target(64), s.batch_limit(t0, 64, 64)), (32, 32));
@@ -1095,7 +1179,7 @@ mod tests {
         for i in 0..6 {
             let start = 4.0 * f64::from(i);
             s.queued(32, 32);
-            s.formed(at(start), 32);
+            s.formed(at(start), 32, false);
             s.started(0, 32, at(start + 2.0));
             for q in 1..=33 {
                 s.queued(1, q);
@@ -1106,13 +1190,45 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_pair_runs_as_many_batches_at_once_as_the_split_chose() {
+        let t0 = Instant::now();
+        let at = |x: f64| t0 + ms(x);
+        let mut s = Adaptive { shares_cores: true, paired: true, ..Adaptive::with_instances(2) };
+        s.latency.observe(1, 1e-3);
+        s.latency.observe(33, 2e-3);
+        s.queued(64, 64);
+        s.formed(t0, 64, true);
+        s.started(0, 64, at(3.0));
+        // One lane: the batch on it takes every core; the other executor waits.
+        assert_eq!((s.lanes(), s.target(64)), (1, 64));
+        assert!(s.all_busy());
+        assert_eq!(s.device_free_at(t0), Some(at(3.0)), "the idle executor is no lane of its own");
+        // Two lanes: each gathers half the clients, and one idles while the other runs.
+        s.split.two = true;
+        assert_eq!((s.lanes(), s.target(64)), (2, 32));
+        assert!(!s.all_busy());
+        assert_eq!(s.device_free_at(t0), Some(t0));
+        // A full batch, or one that leaves rows queued, measures the way the pair runs; not a
+        // partial one with nothing behind it (the clients, not the device, set its pace).
+        s.finished(0, at(3.0));
+        for (saturated, measures) in [(true, true), (false, false)] {
+            s.formed(at(3.0), 10, saturated);
+            s.started(1, 10, at(4.0));
+            assert_eq!(s.measures[1], measures);
+        }
+        // Unpaired (a GPU, or a model with a copy per instance), both instances are lanes.
+        let gpu = Adaptive { paired: false, shares_cores: false, ..s.clone() };
+        assert_eq!(gpu.lanes(), 2);
+    }
+
+    #[test]
     fn tells_open_loop_by_what_arrives_while_a_gathered_batch_runs() {
         let t0 = Instant::now();
         let at = |x: f64| t0 + ms(x);
         // A batch of `rows` formed at `start` ms runs 3 ms, while `during` rows arrive.
         let batch = |s: &mut Adaptive, start: f64, rows: usize, during: usize| {
             s.queued(rows, rows);
-            s.formed(at(start), rows);
+            s.formed(at(start), rows, false);
             s.started(0, rows, at(start + 3.0));
             for queued in 1..=during {
                 s.queued(1, queued);

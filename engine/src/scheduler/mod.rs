@@ -8,13 +8,18 @@
 //! executor (an *instance*, Triton's instance group) has its own copy of the model, on a GPU its
 //! own stream, so `N` instances run `N` batches at once; the first free one takes the batch
 //! handed over. It splits the outputs back per request.
+//!
+//! In adaptive mode on the CPU, a version on one instance whose model runs batches side by side
+//! ([`Model::concurrent`]) gets a pair of executors on that one copy: one batch at a time on every
+//! core, or two at once on half the cores each, whichever [`adaptive::Split`] measures faster
+//! ([`adaptive::Adaptive::lanes`]). An executor takes a lane before it takes a batch.
 
 pub mod adaptive;
 mod queue;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -54,6 +59,8 @@ impl Waiting for Pending {
 struct Shared {
     queue: Mutex<BatchQueue<Pending>>,
     wake: Notify,
+    /// Signalled (with the queue's lock) when a lane frees up or the number of lanes changes.
+    lanes: Condvar,
     /// The scheduler was dropped: the batcher ends once the queue is empty.
     closed: AtomicBool,
     /// The batcher has ended (for any reason, a panic included): nothing more will be answered.
@@ -93,6 +100,8 @@ pub struct Scheduler {
     shared: Arc<Shared>,
     model: Arc<dyn Model>,
     stats: Arc<Stats>,
+    /// The instances it was started with (a CPU pair counts as the one it is).
+    instances: usize,
 }
 
 /// The receiving end of the hand-over slot, shared by the executors: the one holding the lock
@@ -102,19 +111,31 @@ type Slot = Arc<Mutex<mpsc::Receiver<Batch>>>;
 impl Scheduler {
     /// Starts the batcher (on the current tokio runtime) and one executor thread per instance:
     /// `instances` are copies of one version's model (loaded apart, so that none waits on
-    /// another's state or stream); the first answers for the signature and preprocessing.
+    /// another's state or stream, or one shared copy of a [`Model::concurrent`] one); the first
+    /// answers for the signature and preprocessing. In adaptive mode on the CPU, a concurrent
+    /// model on one instance gets a pair of executors (see the module's documentation).
     ///
     /// # Panics
     /// If `instances` is empty.
     pub fn start(instances: Vec<Arc<dyn Model>>, config: BatchConfig, stats: Arc<Stats>) -> Scheduler {
         let model = instances.first().expect("a version runs on at least one instance").clone();
         let pad = model.signature().pad_to_longest;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let paired = config.latency_slo.is_some()
+            && instances.len() == 1
+            && model.device() == Device::Cpu
+            && model.concurrent()
+            && cores >= 2;
+        let configured = instances.len();
+        let instances = if paired { vec![model.clone(), model.clone()] } else { instances };
         let mut queue = BatchQueue::new(config, pad);
         queue.adaptive = adaptive::Adaptive::with_instances(instances.len());
         queue.adaptive.shares_cores = model.device() == Device::Cpu;
+        queue.adaptive.paired = paired;
         let shared = Arc::new(Shared {
             queue: Mutex::new(queue),
             wake: Notify::new(),
+            lanes: Condvar::new(),
             closed: AtomicBool::new(false),
             batcher_gone: AtomicBool::new(false),
         });
@@ -128,16 +149,16 @@ impl Scheduler {
                 .spawn(move || executor(index, instance, slot, stats, shared))
                 .expect("spawn executor thread");
         }
-        Scheduler { shared, model, stats }
+        Scheduler { shared, model, stats, instances: configured }
     }
 
     pub fn model(&self) -> &Arc<dyn Model> {
         &self.model
     }
 
-    /// How many executors run this version's batches.
+    /// How many instances run this version's batches (as configured: a CPU pair is one).
     pub fn instances(&self) -> usize {
-        self.shared.queue.lock().expect("queue lock").adaptive.instances()
+        self.instances
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -342,28 +363,51 @@ fn form_batch(entries: Vec<Entry<Pending>>, pad: bool) -> Result<Batch, (EngineE
     Ok(Batch { inputs, rows, replies, singles: inputs_per_req })
 }
 
-/// Instance `index`: takes the batch handed over whenever it is free, until the batcher ends.
+/// Instance `index`: takes a lane, then the batch handed over, until the batcher ends.
 fn executor(index: usize, model: Arc<dyn Model>, slot: Slot, stats: Arc<Stats>, shared: Arc<Shared>) {
+    let lock = || shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+    let release = |q: &mut BatchQueue<Pending>| {
+        q.adaptive.lanes_taken -= 1;
+        shared.lanes.notify_all();
+    };
     loop {
-        let Some(batch) = slot.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv() else { return };
+        {
+            let mut q = lock();
+            while q.adaptive.lanes_taken >= q.adaptive.lanes() {
+                q = shared.lanes.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            q.adaptive.lanes_taken += 1;
+        }
+        let Some(batch) = slot.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv() else {
+            release(&mut lock());
+            return;
+        };
         let total: usize = batch.rows.iter().sum();
         let start = Instant::now();
-        {
-            let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        // Paired executors in two lanes run on half the cores each ([`Model::run_in_lane`]).
+        let lanes = {
+            let mut q = lock();
             let took = q.adaptive.latency.predict(total).map(Duration::from_secs_f64);
             q.adaptive.started(index, total, start + took.unwrap_or_default());
-        }
-        let result = run_guarded(model.as_ref(), batch.inputs);
+            if q.adaptive.paired { q.adaptive.lanes() } else { 1 }
+        };
+        let run = |inputs| run_guarded(model.as_ref(), inputs, index, lanes);
+        let result = run(batch.inputs);
         let took = start.elapsed();
         stats.record_batch(total, took);
         {
-            let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = lock();
             q.adaptive.finished(index, start + took);
             q.adaptive.latency.observe(total, took.as_secs_f64());
             if let Some((a, c)) = q.adaptive.latency.coefficients() {
                 stats.fit_base_ns.store((a * 1e9) as u64, Ordering::Relaxed);
                 stats.fit_per_row_ns.store((c * 1e9) as u64, Ordering::Relaxed);
             }
+            stats.groups.store(q.adaptive.split.groups() as u64, Ordering::Relaxed);
+            for (stat, rate) in stats.groups_rows_per_second.iter().zip(q.adaptive.split.rates()) {
+                stat.store(rate.unwrap_or(0.0) as u64, Ordering::Relaxed);
+            }
+            release(&mut q);
         }
         // An instance is free: the batcher decides again now rather than at its planned time.
         shared.wake.notify_one();
@@ -379,17 +423,18 @@ fn executor(index: usize, model: Arc<dyn Model>, slot: Slot, stats: Arc<Stats>, 
             Err(_) => {
                 // One bad request must not fail its neighbours: run each on its own.
                 for (reply, inputs) in batch.replies.into_iter().zip(batch.singles) {
-                    let _ = reply.send(run_guarded(model.as_ref(), inputs).map_err(as_execution));
+                    let _ = reply.send(run(inputs).map_err(as_execution));
                 }
             }
         }
     }
 }
 
-/// Runs the model; a panicking backend fails this call, not the executor thread (and so not
-/// every later request).
-fn run_guarded(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(inputs)))
+/// Runs the model, as `lane` of `lanes` batches side by side (see [`Model::run_in_lane`]); a
+/// panicking backend fails this call, not the executor thread (and so not every later request).
+fn run_guarded(model: &dyn Model, inputs: Vec<Tensor>, lane: usize, lanes: usize) -> Result<Vec<Tensor>, EngineError> {
+    let run = || if lanes > 1 { model.run_in_lane(inputs, lane, lanes) } else { model.run(inputs) };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
         .unwrap_or_else(|_| Err(EngineError::Execution("the model panicked while running this batch".into())))
 }
 

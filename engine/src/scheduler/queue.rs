@@ -283,7 +283,7 @@ impl<T: Waiting> BatchQueue<T> {
             return Next { decision, batch: Vec::new(), expired, cancelled, late };
         }
         if self.config.latency_slo.is_some() {
-            self.adaptive.formed(now, self.rows);
+            self.adaptive.formed(now, self.rows, rows >= limit || self.rows > rows);
         }
         let batch: Vec<Entry<T>> = keys.iter().map(|k| self.entries.remove(k).expect("key just listed")).collect();
         self.rows -= rows;
