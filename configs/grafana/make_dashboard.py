@@ -107,6 +107,17 @@ panels = [
         "latency of recent requests. Well above 1: the host is slower than the batch-time model says "
         "(CPU contention), and requests are shed earlier.",
     ),
+    panel(
+        "Adaptive batching on the CPU: groups, and rows/s measured each way",
+        [
+            (f"algolink_batch_groups{{{SEL}}}", "{{model}} v{{version}} groups"),
+            (f"algolink_batch_groups_rows_per_second{{{SEL}}}", "{{model}} v{{version}} in {{groups}}"),
+        ],
+        "short", 12, 56,
+        description="How many groups gathered clients (and, for tract models, saturated traffic) run in: "
+        "1, one batch at a time on every core; 2, two batches side by side. And the rows per second each "
+        "way made when last measured: the planner keeps the faster.",
+    ),
 ]
 for i, p in enumerate(panels):
     p["id"] = i + 1
