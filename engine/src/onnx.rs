@@ -144,7 +144,9 @@ fn spawn(model: TypedModel) -> TractResult<States> {
 
 /// A plan and its run states, reused from batch to batch (allocating a state per batch costs):
 /// one per batch running on the plan at once (the scheduler runs one batch per core on the CPU
-/// when that is faster, all sharing the model's weights; see [`Model::concurrent`]).
+/// when that is faster, all sharing the model's weights; see [`Model::concurrent`]). A second
+/// state is made the first time two batches meet on a plan: scratch space (activations), not
+/// weights, which is all a version's memory may still grow by once it serves.
 struct States {
     plan: Plan,
     idle: std::sync::Mutex<Vec<TypedSimpleState>>,
@@ -397,9 +399,14 @@ impl Model for OnnxModel {
     }
 
     fn run_in_lane(&self, inputs: Vec<HostTensor>, lane: usize, lanes: usize) -> Result<Vec<HostTensor>, EngineError> {
-        match lane_executor(lane, lanes) {
-            Some(executor) => tract_linalg::multithread::multithread_tract_scope(executor, || self.run(inputs)),
-            None => self.run(inputs),
+        let Some(executor) = lane_executor(lane, lanes) else { return self.run(inputs) };
+        // The scope restores the thread's executor only when its closure returns: a panic is
+        // caught inside and resumed outside, so that this thread's next batches on every core do
+        // not stay on the lane's share.
+        let run = std::panic::AssertUnwindSafe(|| self.run(inputs));
+        match tract_linalg::multithread::multithread_tract_scope(executor, || std::panic::catch_unwind(run)) {
+            Ok(outputs) => outputs,
+            Err(panic) => std::panic::resume_unwind(panic),
         }
     }
 

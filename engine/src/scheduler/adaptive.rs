@@ -116,7 +116,8 @@ const HANDOVER_LEAD: Duration = Duration::from_micros(250);
 const SPLIT_PHASE: Duration = Duration::from_millis(250);
 /// What a phase leaves out at its start: batches that still ran the previous way.
 const SPLIT_SETTLE: Duration = Duration::from_millis(50);
-/// Batches this far apart end a [`Split`] phase: the traffic stopped.
+/// Batches this far apart end a [`Split`] phase: the traffic stopped. (A model whose batches take
+/// longer is never measured, and keeps one group: the way it ran before the split existed.)
 const SPLIT_GAP: Duration = Duration::from_millis(100);
 /// One phase in this many runs the way not in use, to measure it again.
 const SPLIT_RETRY: u32 = 8;

@@ -395,6 +395,14 @@ fn executor(index: usize, model: Arc<dyn Model>, slot: Slot, stats: Arc<Stats>, 
         let result = run(batch.inputs);
         let took = start.elapsed();
         stats.record_batch(total, took);
+        let answers: Vec<Result<Vec<Tensor>, EngineError>> =
+            match result.and_then(|outputs| split_outputs(outputs, &batch.rows)) {
+                Ok(per_request) => per_request.into_iter().map(Ok).collect(),
+                Err(e) if batch.replies.len() == 1 => vec![Err(as_execution(e))],
+                // One bad request must not fail its neighbours: each runs on its own, still in
+                // this lane (released, another executor would take the next batch beside them).
+                Err(_) => batch.singles.into_iter().map(|inputs| run(inputs).map_err(as_execution)).collect(),
+            };
         {
             let mut q = lock();
             q.adaptive.finished(index, start + took);
@@ -411,21 +419,8 @@ fn executor(index: usize, model: Arc<dyn Model>, slot: Slot, stats: Arc<Stats>, 
         }
         // An instance is free: the batcher decides again now rather than at its planned time.
         shared.wake.notify_one();
-        match result.and_then(|outputs| split_outputs(outputs, &batch.rows)) {
-            Ok(per_request) => {
-                for (reply, outputs) in batch.replies.into_iter().zip(per_request) {
-                    let _ = reply.send(Ok(outputs));
-                }
-            }
-            Err(e) if batch.replies.len() == 1 => {
-                let _ = batch.replies.into_iter().next().expect("one reply").send(Err(as_execution(e)));
-            }
-            Err(_) => {
-                // One bad request must not fail its neighbours: run each on its own.
-                for (reply, inputs) in batch.replies.into_iter().zip(batch.singles) {
-                    let _ = reply.send(run(inputs).map_err(as_execution));
-                }
-            }
+        for (reply, answer) in batch.replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
         }
     }
 }
