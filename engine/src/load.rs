@@ -54,6 +54,10 @@ pub struct LoadOptions {
     /// Copies of the weights the GPU must have room for (this one and those loaded after it, see
     /// [`load_instances`]).
     pub copies: usize,
+    /// The scheduler runs in adaptive mode, where a CPU model that runs faster in two lanes gets
+    /// a pair of executors: measure it after warm-up ([`Model::measure_lanes`], up to a few
+    /// hundred milliseconds).
+    pub measure_lanes: bool,
 }
 
 impl Default for LoadOptions {
@@ -65,6 +69,7 @@ impl Default for LoadOptions {
             onnx_backend: OnnxBackend::Tract,
             cpu_fallback: false,
             copies: 1,
+            measure_lanes: false,
         }
     }
 }
@@ -149,6 +154,9 @@ fn load_unguarded(files: &ModelFiles, options: &LoadOptions) -> Result<Arc<dyn M
     };
     model.prepare(options.max_batch_size);
     warm_up(model.as_ref(), &options.warmup_batch_sizes)?;
+    if options.measure_lanes {
+        model.measure_lanes(options.max_batch_size);
+    }
     Ok(model)
 }
 

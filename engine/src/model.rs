@@ -1,5 +1,7 @@
 use serde::Serialize;
 
+use std::time::{Duration, Instant};
+
 use crate::{DataType, Device, EngineError, Tensor};
 
 /// Name, type and shape of one input or output; `-1` marks a variable dimension.
@@ -108,10 +110,147 @@ pub trait Model: Send + Sync {
     fn concurrent(&self) -> bool {
         false
     }
+    /// Measures, once, whether two batches of `rows` side by side ([`Model::run_in_lane`]) run
+    /// faster than one after another on every core ([`lanes_gain`]), for
+    /// [`Model::side_by_side`]. Nothing for a model without lanes.
+    fn measure_lanes(&self, _rows: usize) {}
+    /// Whether [`Model::measure_lanes`] found two lanes faster, by [`LANES_MARGIN`]: the CPU
+    /// scheduler then runs a pair of executors on this copy.
+    fn side_by_side(&self) -> bool {
+        false
+    }
     /// `run` on the `lane`-th of `lanes` equal shares of the cores, for a backend that otherwise
     /// spreads a batch over a pool of every core (tract): the scheduler runs `lanes` batches side
     /// by side. Others run as `run`.
     fn run_in_lane(&self, inputs: Vec<Tensor>, _lane: usize, _lanes: usize) -> Result<Vec<Tensor>, EngineError> {
         self.run(inputs)
+    }
+}
+
+/// Two lanes must beat one by this much to be used: they cost a second run state, and on the
+/// margin a measurement at one batch size says little about the sizes traffic forms.
+pub const LANES_MARGIN: f64 = 1.1;
+
+/// How many times more rows per second two batches of `rows` side by side, each on its lane
+/// ([`Model::run_in_lane`]), run than the same batches one after another on every core (`run`);
+/// `None` when a batch takes too long to tell (the scheduler's split measures lanes in phases
+/// of a few batches: a model whose batches take over [`LANES_TEST_LONGEST`] keeps one lane) or
+/// fails.
+///
+/// Each way runs for a few milliseconds, alternately, for at least five rounds and until
+/// [`LANES_TEST_BUDGET`] is spent or the answer is clear; the gain is the median of the rounds'
+/// own (a round's two ways run milliseconds apart, on a host whose speed drifts by tens of
+/// percent within seconds: the best time of each way, taken apart, compared different moments). Measured once at load rather than only online: a model that
+/// loses in two lanes (the MLP 512-2048-2048-10, whose weights fill the cache: 0.9x) lost up to
+/// 12% served throughput to the time the online split spent finding that out again, under
+/// every change of load.
+pub fn lanes_gain(model: &dyn Model, rows: usize) -> Option<f64> {
+    let inputs = model.preprocess(crate::zero_inputs(model.signature(), rows).ok()?).ok()?;
+    let once = Instant::now();
+    model.run(inputs.clone()).ok()?;
+    let batch = once.elapsed();
+    if batch > LANES_TEST_LONGEST {
+        return None;
+    }
+    // Batches per lane in a round: a few milliseconds of work.
+    let per_lane = (LANES_TEST_ROUND.as_secs_f64() / batch.as_secs_f64().max(1e-6)).ceil().clamp(1.0, 1e4) as usize;
+    let one_lane = || -> Option<Duration> {
+        let start = Instant::now();
+        for _ in 0..2 * per_lane {
+            model.run(inputs.clone()).ok()?;
+        }
+        Some(start.elapsed())
+    };
+    let lane = |lane: usize| -> Option<()> {
+        for _ in 0..per_lane {
+            model.run_in_lane(inputs.clone(), lane, 2).ok()?;
+        }
+        Some(())
+    };
+    let two_lanes = || -> Option<Duration> {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            let other = s.spawn(|| lane(1));
+            let here = lane(0);
+            other.join().ok().flatten().and(here)
+        })?;
+        Some(start.elapsed())
+    };
+    // Once each unmeasured: the second lane allocates its run state and its pool.
+    two_lanes()?;
+    one_lane()?;
+    let mut gains = Vec::new();
+    let start = Instant::now();
+    while gains.len() < LANES_TEST_ROUNDS {
+        gains.push(one_lane()?.as_secs_f64() / two_lanes()?.as_secs_f64());
+        gains.sort_by(f64::total_cmp);
+        let median = gains[gains.len() / 2];
+        if gains.len() >= 5 && (start.elapsed() >= LANES_TEST_BUDGET || !(0.8..1.25).contains(&median)) {
+            break;
+        }
+    }
+    Some(gains[gains.len() / 2])
+}
+
+/// Work per lane in one round of [`lanes_gain`].
+const LANES_TEST_ROUND: Duration = Duration::from_millis(10);
+/// Time [`lanes_gain`] may take when the ways are close.
+const LANES_TEST_BUDGET: Duration = Duration::from_millis(300);
+const LANES_TEST_ROUNDS: usize = 15;
+/// The longest batch [`lanes_gain`] measures (see there).
+pub const LANES_TEST_LONGEST: Duration = Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sleeps instead of computing: `run` as long as a batch on every core, `run_in_lane` as long
+    /// as a batch on its share.
+    struct Sleeper {
+        signature: Signature,
+        all_cores: Duration,
+        in_lane: Duration,
+    }
+
+    impl Model for Sleeper {
+        fn signature(&self) -> &Signature {
+            &self.signature
+        }
+
+        fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+            std::thread::sleep(self.all_cores);
+            Ok(inputs)
+        }
+
+        fn run_in_lane(&self, inputs: Vec<Tensor>, _lane: usize, _lanes: usize) -> Result<Vec<Tensor>, EngineError> {
+            std::thread::sleep(self.in_lane);
+            Ok(inputs)
+        }
+    }
+
+    fn sleeper(all_cores_ms: u64, in_lane_ms: u64) -> Sleeper {
+        let spec = TensorSpec { name: "x".into(), datatype: DataType::F32, shape: vec![-1, 4] };
+        Sleeper {
+            signature: Signature {
+                platform: "test".into(),
+                inputs: vec![spec.clone()],
+                outputs: vec![spec],
+                pad_to_longest: false,
+            },
+            all_cores: Duration::from_millis(all_cores_ms),
+            in_lane: Duration::from_millis(in_lane_ms),
+        }
+    }
+
+    #[test]
+    fn the_lanes_test_compares_two_lanes_with_one() {
+        // Lanes that take as long as a batch on every core run twice the rows; lanes that take
+        // 2.5 times as long (weights that no longer fit the cache twice) lose.
+        let gain = lanes_gain(&sleeper(2, 2), 8).unwrap();
+        assert!((1.5..2.2).contains(&gain), "{gain}");
+        let gain = lanes_gain(&sleeper(2, 5), 8).unwrap();
+        assert!((0.6..LANES_MARGIN).contains(&gain), "{gain}");
+        // Too slow to tell.
+        assert_eq!(lanes_gain(&sleeper(LANES_TEST_LONGEST.as_millis() as u64 + 10, 1), 8), None);
     }
 }

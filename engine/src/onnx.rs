@@ -24,6 +24,8 @@ pub struct OnnxModel {
     states: States,
     per_batch: Option<PerBatchPlans>,
     input_dts: Vec<DatumType>,
+    /// Set by [`Model::measure_lanes`]: see [`Model::side_by_side`].
+    side_by_side: std::sync::OnceLock<bool>,
 }
 
 /// Concrete-shape plans for a ladder of batch sizes from 1 to the largest batch the scheduler
@@ -368,6 +370,7 @@ impl OnnxModel {
             },
             states,
             input_dts,
+            side_by_side: std::sync::OnceLock::new(),
         })
     }
 }
@@ -394,8 +397,30 @@ impl Model for OnnxModel {
         }
     }
 
+    fn measure_lanes(&self, rows: usize) {
+        self.side_by_side.get_or_init(|| {
+            if tract_threads() < 2 {
+                return false;
+            }
+            let gain = crate::model::lanes_gain(self, rows.max(1));
+            let faster = gain.is_some_and(|g| g >= crate::model::LANES_MARGIN);
+            match gain {
+                Some(g) => tracing::info!(
+                    "two batches of {rows} side by side ran {g:.2}x as fast as one after another: {}",
+                    if faster { "the CPU scheduler may run two lanes" } else { "one lane" }
+                ),
+                None => tracing::info!("batches of {rows} too slow to measure in lanes: one lane"),
+            }
+            faster
+        });
+    }
+
     fn concurrent(&self) -> bool {
         true
+    }
+
+    fn side_by_side(&self) -> bool {
+        self.side_by_side.get().copied().unwrap_or(false)
     }
 
     fn run_in_lane(&self, inputs: Vec<HostTensor>, lane: usize, lanes: usize) -> Result<Vec<HostTensor>, EngineError> {

@@ -174,6 +174,14 @@ impl Model for TextModel {
         self.inner.concurrent()
     }
 
+    fn measure_lanes(&self, rows: usize) {
+        self.inner.measure_lanes(rows)
+    }
+
+    fn side_by_side(&self) -> bool {
+        self.inner.side_by_side()
+    }
+
     fn run_in_lane(&self, inputs: Vec<Tensor>, lane: usize, lanes: usize) -> Result<Vec<Tensor>, EngineError> {
         self.inner.run_in_lane(inputs, lane, lanes)
     }

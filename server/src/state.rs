@@ -346,6 +346,8 @@ impl AppState {
             max_batch_size: settings.max_batch_size,
             onnx_backend: settings.onnx_backend,
             copies: 1,
+            // (Only a version on one instance is paired.)
+            measure_lanes: settings.batch_config().latency_slo.is_some() && settings.instances == 1,
         };
         let instances = settings.instances;
         tokio::task::spawn_blocking(move || load_instances(&files, &options, instances))

@@ -10,7 +10,10 @@
 //! Feeds synthetic inputs (zeros for integers, a fixed pattern for floats; variable trailing dims
 //! get `SYNTHETIC_SEQ_LEN`; a text model gets `SYNTHETIC_TEXT`, tokenised once beforehand) to the
 //! prepared model, one batch after another on this thread, and prints JSON lines: batch size,
-//! batches/s, rows/s, milliseconds per batch.
+//! batches/s, rows/s, milliseconds per batch. A model that runs batches side by side on one copy
+//! (tract) on two cores or more is also measured that way, as the CPU scheduler's pair runs them:
+//! two threads, each on its lane (`"lanes": 2`); the best line of either is the ceiling. `LANES=1`
+//! measures one lane only (a batch's own time, to compare with another engine's).
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +41,8 @@ fn main() -> anyhow::Result<()> {
     };
     let device = std::env::var("DEVICE").unwrap_or_else(|_| "cpu".into()).parse::<DeviceRequest>()?.resolve()?;
     let max_batch_size = sizes.iter().copied().max().unwrap_or(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let one_lane = std::env::var("LANES").is_ok_and(|l| l == "1");
     let options = LoadOptions {
         device,
         warmup_batch_sizes: sizes.clone(),
@@ -45,6 +50,8 @@ fn main() -> anyhow::Result<()> {
         onnx_backend,
         cpu_fallback: false,
         copies: 1,
+        // It measures both ways itself, for as long as it is asked to.
+        measure_lanes: false,
     };
     let model = load_model(&files, &options)?;
     let cpu = match device {
@@ -57,21 +64,49 @@ fn main() -> anyhow::Result<()> {
             Some(cpu) => Some(max_rel_diff(&model.run(inputs.clone())?, &cpu.run(inputs.clone())?)?),
             None => None,
         };
-        let start = Instant::now();
-        let mut batches = 0u64;
-        while start.elapsed() < Duration::from_secs_f64(seconds) {
-            model.run(inputs.clone())?;
-            batches += 1;
+        let per_s = batches_per_second(seconds, 1, |_| model.run(inputs.clone()).map(drop));
+        let two_lanes = (model.concurrent() && cores >= 2 && !one_lane)
+            .then(|| batches_per_second(seconds, 2, |lane| model.run_in_lane(inputs.clone(), lane, 2).map(drop)));
+        for (lanes, per_s) in [(1, Some(per_s)), (2, two_lanes)] {
+            let Some(per_s) = per_s else { continue };
+            let per_s = per_s?;
+            println!(
+                "{}",
+                serde_json::json!({ "model": path, "device": device.to_string(), "batch": n, "lanes": lanes,
+                                    "batches_per_s": per_s, "rows_per_s": per_s * n as f64,
+                                    "ms_per_batch": 1e3 * lanes as f64 / per_s, "max_rel_diff": max_rel_diff })
+            );
         }
-        let per_s = batches as f64 / start.elapsed().as_secs_f64();
-        println!(
-            "{}",
-            serde_json::json!({ "model": path, "device": device.to_string(), "batch": n, "batches_per_s": per_s,
-                                "rows_per_s": per_s * n as f64, "ms_per_batch": 1e3 / per_s,
-                                "max_rel_diff": max_rel_diff })
-        );
     }
     Ok(())
+}
+
+/// Batches per second over `seconds`, `lanes` threads each running `run(lane)` batch after batch
+/// (two lanes: [`algolink_engine::Model::run_in_lane`], as the CPU scheduler's pair runs them).
+fn batches_per_second(
+    seconds: f64,
+    lanes: usize,
+    run: impl Fn(usize) -> Result<(), algolink_engine::EngineError> + Sync,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let window = Duration::from_secs_f64(seconds);
+    let batches = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..lanes)
+            .map(|lane| {
+                let run = &run;
+                s.spawn(move || {
+                    let mut batches = 0u64;
+                    while start.elapsed() < window {
+                        run(lane)?;
+                        batches += 1;
+                    }
+                    Ok::<_, algolink_engine::EngineError>(batches)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("offline lane thread")).sum::<Result<u64, _>>()
+    })?;
+    Ok(batches as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Float inputs get a fixed pattern in [-0.5, 0.5) (zeros would hide differences).

@@ -9,10 +9,12 @@
 //! own stream, so `N` instances run `N` batches at once; the first free one takes the batch
 //! handed over. It splits the outputs back per request.
 //!
-//! In adaptive mode on the CPU, a version on one instance whose model runs batches side by side
-//! ([`Model::concurrent`]) gets a pair of executors on that one copy: one batch at a time on every
-//! core, or two at once on half the cores each, whichever [`adaptive::Split`] measures faster
-//! ([`adaptive::Adaptive::lanes`]). An executor takes a lane before it takes a batch.
+//! In adaptive mode on the CPU, a version on one instance whose model ran two batches side by side
+//! faster than one after another when it was prepared ([`Model::side_by_side`], measured by
+//! [`crate::model::lanes_gain`]) gets a pair of executors on that one copy: one batch at a time on
+//! every core, or two at once on half the cores each, whichever [`adaptive::Split`] measures
+//! faster under the load of the moment ([`adaptive::Adaptive::lanes`]). An executor takes a lane
+//! before it takes a batch.
 
 pub mod adaptive;
 mod queue;
@@ -112,8 +114,9 @@ impl Scheduler {
     /// Starts the batcher (on the current tokio runtime) and one executor thread per instance:
     /// `instances` are copies of one version's model (loaded apart, so that none waits on
     /// another's state or stream, or one shared copy of a [`Model::concurrent`] one); the first
-    /// answers for the signature and preprocessing. In adaptive mode on the CPU, a concurrent
-    /// model on one instance gets a pair of executors (see the module's documentation).
+    /// answers for the signature and preprocessing. In adaptive mode on the CPU, a model on one
+    /// instance that runs faster in two lanes ([`Model::side_by_side`]) gets a pair of executors
+    /// (see the module's documentation).
     ///
     /// # Panics
     /// If `instances` is empty.
@@ -124,7 +127,7 @@ impl Scheduler {
         let paired = config.latency_slo.is_some()
             && instances.len() == 1
             && model.device() == Device::Cpu
-            && model.concurrent()
+            && model.side_by_side()
             && cores >= 2;
         let configured = instances.len();
         let instances = if paired { vec![model.clone(), model.clone()] } else { instances };
