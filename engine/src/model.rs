@@ -1,6 +1,6 @@
-use serde::Serialize;
-
 use std::time::{Duration, Instant};
+
+use serde::Serialize;
 
 use crate::{DataType, Device, EngineError, Tensor};
 
@@ -137,12 +137,14 @@ pub const LANES_MARGIN: f64 = 1.1;
 /// of a few batches: a model whose batches take over [`LANES_TEST_LONGEST`] keeps one lane) or
 /// fails.
 ///
-/// Each way runs for a few milliseconds, alternately, for at least five rounds and until
+/// Each way runs for about 10 ms per lane, alternately, for at least five rounds and until
 /// [`LANES_TEST_BUDGET`] is spent or the answer is clear; the gain is the median of the rounds'
 /// own (a round's two ways run milliseconds apart, on a host whose speed drifts by tens of
-/// percent within seconds: the best time of each way, taken apart, compared different moments). Measured once at load rather than only online: a model that
-/// loses in two lanes (the MLP 512-2048-2048-10, whose weights fill the cache: 0.9x) lost up to
-/// 12% served throughput to the time the online split spent finding that out again, under
+/// percent within seconds: the best time of each way, taken apart, compared different moments).
+///
+/// Measured once at load rather than left to the online split alone: a model that loses in two
+/// lanes (the MLP 512-2048-2048-10, whose weights do not fit the cache twice: 0.76-0.97x) lost
+/// 8-12% of its served throughput to the time the split spent finding that out again under
 /// every change of load.
 pub fn lanes_gain(model: &dyn Model, rows: usize) -> Option<f64> {
     let inputs = model.preprocess(crate::zero_inputs(model.signature(), rows).ok()?).ok()?;
@@ -192,10 +194,11 @@ pub fn lanes_gain(model: &dyn Model, rows: usize) -> Option<f64> {
     Some(gains[gains.len() / 2])
 }
 
-/// Work per lane in one round of [`lanes_gain`].
+/// Work per lane in one round of [`lanes_gain`] (rounds of a few ms read scheduling noise).
 const LANES_TEST_ROUND: Duration = Duration::from_millis(10);
 /// Time [`lanes_gain`] may take when the ways are close.
 const LANES_TEST_BUDGET: Duration = Duration::from_millis(300);
+/// Rounds at most.
 const LANES_TEST_ROUNDS: usize = 15;
 /// The longest batch [`lanes_gain`] measures (see there).
 pub const LANES_TEST_LONGEST: Duration = Duration::from_millis(50);
