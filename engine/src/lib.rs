@@ -26,6 +26,6 @@ pub use load::{
     zero_inputs,
 };
 pub use model::{Model, Signature, TensorSpec};
-pub use scheduler::{BatchConfig, InferRequest, Scheduler};
+pub use scheduler::{BatchConfig, CpuPair, InferRequest, Scheduler};
 pub use stats::Stats;
 pub use tensor::{DataType, Tensor, TensorData};

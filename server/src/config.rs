@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use algolink_engine::{BatchConfig, DeviceRequest, OnnxBackend};
+use algolink_engine::{BatchConfig, CpuPair, DeviceRequest, OnnxBackend};
 use algolink_registry::lifecycle::retire::RetirementRules;
 use algolink_registry::lifecycle::rollout::RolloutPolicy;
 use algolink_registry::lifecycle::route::RouteSpec;
@@ -211,6 +211,9 @@ pub struct ModelSettings {
     pub mode: BatchMode,
     /// The latency objective of adaptive mode, per request (queue + execution).
     pub latency_slo_ms: f64,
+    /// Adaptive mode on the CPU, one instance, ONNX on tract: `"auto"` (a pair of executors when
+    /// a test at load finds two batches side by side faster), `"on"` or `"off"`.
+    pub cpu_pair: CpuPair,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
@@ -236,6 +239,7 @@ impl Default for ModelSettings {
             version_policy: PolicySetting::default(),
             mode: BatchMode::Static,
             latency_slo_ms: 100.0,
+            cpu_pair: CpuPair::Auto,
         }
     }
 }
@@ -286,6 +290,7 @@ pub struct ModelOverrides {
     pub version_policy: Option<PolicySetting>,
     pub mode: Option<BatchMode>,
     pub latency_slo_ms: Option<f64>,
+    pub cpu_pair: Option<CpuPair>,
     /// Written to the registry at start-up (the config wins over the API's earlier changes).
     pub route: Option<RouteSpec>,
     pub retirement: Option<RetirementRules>,
@@ -372,6 +377,7 @@ impl Config {
             s.version_policy = o.version_policy.unwrap_or(s.version_policy);
             s.mode = o.mode.unwrap_or(s.mode);
             s.latency_slo_ms = o.latency_slo_ms.unwrap_or(s.latency_slo_ms);
+            s.cpu_pair = o.cpu_pair.unwrap_or(s.cpu_pair);
         }
         s
     }
@@ -405,6 +411,7 @@ impl ModelSettings {
             max_queue_size: self.max_queue_size,
             max_batch_tokens: Some(self.max_batch_tokens),
             latency_slo: (self.mode == BatchMode::Adaptive).then(|| Duration::from_secs_f64(self.latency_slo_ms / 1e3)),
+            cpu_pair: self.cpu_pair,
         }
     }
 
@@ -426,11 +433,13 @@ mod tests {
             [models.iris]
             max_queue_delay_us = 500
             version_policy = { latest = 2 }
+            cpu_pair = "off"
             "#,
         )
         .unwrap();
         let s = c.settings_for("iris");
         assert_eq!((s.max_batch_size, s.max_queue_delay_us), (16, 500));
+        assert_eq!((s.batch_config().cpu_pair, c.settings_for("other").cpu_pair), (CpuPair::Off, CpuPair::Auto));
         assert_eq!(s.version_policy.policy(), VersionPolicy::Latest(2));
         assert_eq!(c.settings_for("other").version_policy.policy(), VersionPolicy::Latest(1));
     }
@@ -466,6 +475,7 @@ mod tests {
         assert!(Config::parse("[models.a.rollout]\nstep = 0").is_err());
         assert!(Config::parse("[[webhooks]]\nurl = \"ftp://x\"").is_err());
         assert!(Config::parse("[defaults]\nmode = \"greedy\"").is_err());
+        assert!(Config::parse("[defaults]\ncpu_pair = \"maybe\"").is_err());
         assert!(Config::parse("[defaults]\nlatency_slo_ms = 0").is_err());
         assert!(Config::parse("[models.a]\ninstances = 0").unwrap_err().to_string().contains("instances"));
         assert_eq!(Config::parse("[models.a]\ninstances = 2").unwrap().settings_for("a").instances, 2);

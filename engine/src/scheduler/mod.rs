@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use adaptive::Running;
-pub use queue::{BatchConfig, BatchQueue, Decision, Entry, Next, PushError, Waiting};
+pub use queue::{BatchConfig, BatchQueue, CpuPair, Decision, Entry, Next, PushError, Waiting};
 
 use crate::{Device, EngineError, Model, Stats, Tensor};
 
@@ -104,6 +104,8 @@ pub struct Scheduler {
     stats: Arc<Stats>,
     /// The instances it was started with (a CPU pair counts as the one it is).
     instances: usize,
+    /// Executor threads: the instances, or the CPU pair's two.
+    executors: usize,
 }
 
 /// The receiving end of the hand-over slot, shared by the executors: the one holding the lock
@@ -116,7 +118,7 @@ impl Scheduler {
     /// another's state or stream, or one shared copy of a [`Model::concurrent`] one); the first
     /// answers for the signature and preprocessing. In adaptive mode on the CPU, a model on one
     /// instance that runs faster in two lanes ([`Model::side_by_side`]) gets a pair of executors
-    /// (see the module's documentation).
+    /// (see the module's documentation), unless [`BatchConfig::cpu_pair`] says otherwise.
     ///
     /// # Panics
     /// If `instances` is empty.
@@ -127,10 +129,15 @@ impl Scheduler {
         let paired = config.latency_slo.is_some()
             && instances.len() == 1
             && model.device() == Device::Cpu
-            && model.side_by_side()
-            && cores >= 2;
+            && cores >= 2
+            && match config.cpu_pair {
+                CpuPair::Auto => model.side_by_side(),
+                CpuPair::On => model.concurrent(),
+                CpuPair::Off => false,
+            };
         let configured = instances.len();
         let instances = if paired { vec![model.clone(), model.clone()] } else { instances };
+        let executors = instances.len();
         let mut queue = BatchQueue::new(config, pad);
         queue.adaptive = adaptive::Adaptive::with_instances(instances.len());
         queue.adaptive.shares_cores = model.device() == Device::Cpu;
@@ -152,7 +159,7 @@ impl Scheduler {
                 .spawn(move || executor(index, instance, slot, stats, shared))
                 .expect("spawn executor thread");
         }
-        Scheduler { shared, model, stats, instances: configured }
+        Scheduler { shared, model, stats, instances: configured, executors }
     }
 
     pub fn model(&self) -> &Arc<dyn Model> {
@@ -162,6 +169,11 @@ impl Scheduler {
     /// How many instances run this version's batches (as configured: a CPU pair is one).
     pub fn instances(&self) -> usize {
         self.instances
+    }
+
+    /// How many executor threads run its batches: the instances, or a CPU pair's two.
+    pub fn executors(&self) -> usize {
+        self.executors
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -468,11 +480,21 @@ mod tests {
         delay: Duration,
         running: Arc<AtomicUsize>,
         most: Arc<AtomicUsize>,
+        /// What it says of lanes: [`Model::concurrent`], [`Model::side_by_side`].
+        lanes: (bool, bool),
     }
 
     impl Model for Slow {
         fn signature(&self) -> &Signature {
             &self.signature
+        }
+
+        fn concurrent(&self) -> bool {
+            self.lanes.0
+        }
+
+        fn side_by_side(&self) -> bool {
+            self.lanes.1
         }
 
         fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
@@ -484,9 +506,7 @@ mod tests {
         }
     }
 
-    /// Runs 8 one-row requests (one per batch) on `instances` copies of a model that takes 40 ms;
-    /// returns how many ran at once at most, after checking every answer is the request's own.
-    async fn most_at_once(instances: usize) -> usize {
+    fn slow(delay: Duration, running: Arc<AtomicUsize>, most: Arc<AtomicUsize>, lanes: (bool, bool)) -> Arc<dyn Model> {
         let spec = TensorSpec { name: "x".into(), datatype: DataType::F32, shape: vec![-1, 1] };
         let signature = Signature {
             platform: "test".into(),
@@ -494,13 +514,15 @@ mod tests {
             outputs: vec![spec],
             pad_to_longest: false,
         };
+        Arc::new(Slow { signature, delay, running, most, lanes })
+    }
+
+    /// Runs 8 one-row requests (one per batch) on `instances` copies of a model that takes 40 ms;
+    /// returns how many ran at once at most, after checking every answer is the request's own.
+    async fn most_at_once(instances: usize) -> usize {
         let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let models: Vec<Arc<dyn Model>> = (0..instances)
-            .map(|_| {
-                let (running, most) = (running.clone(), most.clone());
-                let delay = Duration::from_millis(40);
-                Arc::new(Slow { signature: signature.clone(), delay, running, most }) as Arc<dyn Model>
-            })
+            .map(|_| slow(Duration::from_millis(40), running.clone(), most.clone(), (false, false)))
             .collect();
         let config = BatchConfig { max_batch_size: 1, ..BatchConfig::default() };
         let scheduler = Arc::new(Scheduler::start(models, config, Arc::new(Stats::default())));
@@ -525,5 +547,26 @@ mod tests {
         assert_eq!(most_at_once(1).await, 1, "one instance runs one batch at a time");
         assert_eq!(most_at_once(2).await, 2, "two instances run two batches at once");
         assert_eq!(most_at_once(3).await, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cpu_pair_runs_where_measured_or_configured() {
+        let two_cores = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+        let executors = |cpu_pair, lanes, adaptive: bool| {
+            let model = slow(Duration::ZERO, Default::default(), Default::default(), lanes);
+            let latency_slo = adaptive.then(|| Duration::from_millis(100));
+            let config = BatchConfig { latency_slo, cpu_pair, ..BatchConfig::default() };
+            let scheduler = Scheduler::start(vec![model], config, Arc::new(Stats::default()));
+            assert_eq!(scheduler.instances(), 1, "a pair is one instance");
+            scheduler.executors()
+        };
+        let pair = if two_cores { 2 } else { 1 };
+        // (concurrent, measured faster in two lanes)
+        assert_eq!(executors(CpuPair::Auto, (true, true), true), pair, "measured faster: paired");
+        assert_eq!(executors(CpuPair::Auto, (true, false), true), 1, "measured slower: one executor");
+        assert_eq!(executors(CpuPair::On, (true, false), true), pair, "configured on");
+        assert_eq!(executors(CpuPair::On, (false, false), true), 1, "a model without lanes is never paired");
+        assert_eq!(executors(CpuPair::Off, (true, true), true), 1, "configured off");
+        assert_eq!(executors(CpuPair::Auto, (true, true), false), 1, "static mode has no pair");
     }
 }

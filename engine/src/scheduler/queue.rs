@@ -24,6 +24,24 @@ pub struct BatchConfig {
     /// batcher waits for more rows only while it raises throughput and every request can still
     /// finish within the objective, and refuses a request predicted to miss it. `None`: static.
     pub latency_slo: Option<Duration>,
+    /// Adaptive mode on the CPU, one instance: whether the version runs on a pair of executors.
+    pub cpu_pair: CpuPair,
+}
+
+/// Whether a version in adaptive mode on the CPU, on one instance, runs on a pair of executors
+/// sharing one copy (see the scheduler's module documentation), Triton-style explicit when the
+/// measurement at load is not wanted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuPair {
+    /// When the test at load found two lanes faster ([`crate::Model::side_by_side`]).
+    #[default]
+    Auto,
+    /// Whenever the model can run batches side by side ([`crate::Model::concurrent`]); the
+    /// split then picks one lane or two under load, as it measures.
+    On,
+    /// Never: one executor, each batch on every core.
+    Off,
 }
 
 impl Default for BatchConfig {
@@ -35,6 +53,7 @@ impl Default for BatchConfig {
             max_queue_size: 1024,
             max_batch_tokens: Some(16_384),
             latency_slo: None,
+            cpu_pair: CpuPair::Auto,
         }
     }
 }
@@ -345,6 +364,7 @@ mod tests {
             max_queue_size: 100,
             max_batch_tokens: None,
             latency_slo: None,
+            cpu_pair: CpuPair::Auto,
         };
         let mut q = BatchQueue::new(cfg, case.pad);
         for (name, rows, priority, at, deadline, shape, gone) in case.requests {
