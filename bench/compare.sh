@@ -8,7 +8,7 @@
 #    concurrency 32, and served throughput at saturation against the engine's best offline rate:
 #    one-row requests (static and adaptive batching), and 16-row ones as `perf_analyzer -b 16`
 #    sends (adaptive; concurrency 8 and 16, i.e. two and four full batches in flight), these in
-#    three rounds alternating with offline runs at the best batch size. Offline counts the CPU
+#    three rounds alternating with offline runs at the best batch sizes. Offline counts the CPU
 #    pair's two lanes where the engine has them (see bench/src/bin/offline.rs).
 # 3. all-MiniLM-L6-v2, 64 short sentences in turn, concurrency 16: AlgoLink takes strings and
 #    tokenises; the peers get token ids. AlgoLink on candle (the safetensors directory) and on
@@ -99,15 +99,20 @@ warm=$(seq -s, 1 64)
     # Offline and served alternate at the best batch size: this host's speed drifts by 10-20%
     # within a minute, so a ratio of runs minutes apart says more about the drift than the server.
     best=$("$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["best_batch"])' "$work/$m-offline.json")
+    # (the sweep's best and the two largest sizes: its pick among close sizes is itself noise)
+    sizes=$(printf '%s\n' "$best" 32 64 | sort -nu | paste -sd, -)
     for round in 1 2 3; do
-      offline "$work/$m.onnx" "$best" "$m-offline-r$round"
+      offline "$work/$m.onnx" "$sizes" "$m-offline-r$round"
       load 18002 $m "$work/${m}16.json" 8,16 "$m-16rows-r$round" --binary
     done
   done
 
   # 4. tract against ONNX Runtime, MLP at batch 128 (both on every core)
-  offline "$work/mlp.onnx" 128 mlp128-tract LANES=1
-  offline "$work/mlp.onnx" 128 mlp128-ort ONNX_BACKEND=ort
+  # (alternately, three rounds: one pair of runs seconds apart read 1.14x and, later, 1.44x)
+  for round in 1 2 3; do
+    offline "$work/mlp.onnx" 128 "mlp128-tract-r$round" LANES=1
+    offline "$work/mlp.onnx" 128 "mlp128-ort-r$round" ONNX_BACKEND=ort
+  done
 
   # 3. MiniLM
   if [[ ${MINILM:-1} == 1 ]]; then
@@ -163,11 +168,13 @@ for m, dims in [("mlp", "256-1024-1024-10"), ("wide", "512-2048-2048-10")]:
           f" adaptive {sa['rps']:.0f} req/s = {sa['rps'] / o['rows_per_s']:.2f}")
     for c in [8, 16]:
         ratios = [16 * multi[f"{m}-16rows-r{r}"][c]["rps"] / runs[f"{m}-offline-r{r}"]["rows_per_s"] for r in (1, 2, 3)]
-        print(f"[3] {m} 16-row requests, adaptive, c={c}, against offline at batch {o['best_batch']} in alternate windows:"
+        print(f"[3] {m} 16-row requests, adaptive, c={c}, against the best offline rate in alternate windows:"
               f" median {statistics.median(ratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
-t, o = runs["mlp128-tract"], runs["mlp128-ort"]
-print(f"[5] mlp batch 128 offline: tract {1e3 * 128 / t['rows_per_s']:.2f} ms | onnxruntime {1e3 * 128 / o['rows_per_s']:.2f} ms"
-      f" | tract/ort time {o['rows_per_s'] / t['rows_per_s']:.2f}x")
+ms = {k: [1e3 * 128 / runs[f"mlp128-{k}-r{r}"]["rows_per_s"] for r in (1, 2, 3)] for k in ("tract", "ort")}
+ratios = [t / o for t, o in zip(ms["tract"], ms["ort"])]
+print(f"[5] mlp batch 128 offline, 3 alternated rounds: tract {', '.join(f'{x:.2f}' for x in ms['tract'])} ms"
+      f" | onnxruntime {', '.join(f'{x:.2f}' for x in ms['ort'])} ms"
+      f" | tract/ort time median {statistics.median(ratios):.2f}x (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
 if "minilm-algolink" in runs:
     c = runs["minilm-vs-sentence-transformers"]
     print(f"[2] minilm vs sentence-transformers: lowest cosine {c['min_cosine']:.7f} over {c['sentences']} sentences")
