@@ -10,7 +10,7 @@
 //! handed over. It splits the outputs back per request.
 //!
 //! In adaptive mode on the CPU, a version on one instance whose model ran two batches side by side
-//! faster than one after another when it was prepared ([`Model::side_by_side`], measured by
+//! faster than one after another when it was loaded ([`Model::side_by_side`], measured by
 //! [`crate::model::lanes_gain`]) gets a pair of executors on that one copy: one batch at a time on
 //! every core, or two at once on half the cores each, whichever [`adaptive::Split`] measures
 //! faster under the load of the moment ([`adaptive::Adaptive::lanes`]). An executor takes a lane
