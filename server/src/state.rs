@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use algolink_engine::{CpuPair, DeviceRequest, LoadOptions, Model, Scheduler, Stats, load_instances};
+use algolink_engine::{DeviceRequest, LoadOptions, Model, Scheduler, Stats, load_instances};
 use algolink_registry::lifecycle::ModelPolicy;
 use algolink_registry::lifecycle::rollout::Rollout;
 use algolink_registry::lifecycle::stats::TrafficTotals;
@@ -346,10 +346,7 @@ impl AppState {
             max_batch_size: settings.max_batch_size,
             onnx_backend: settings.onnx_backend,
             copies: 1,
-            // (Only a version on one instance is paired.)
-            measure_lanes: settings.batch_config().latency_slo.is_some()
-                && settings.instances == 1
-                && settings.cpu_pair == CpuPair::Auto,
+            measure_lanes: settings.batch_config().measures_lanes(settings.instances),
         };
         let instances = settings.instances;
         tokio::task::spawn_blocking(move || load_instances(&files, &options, instances))

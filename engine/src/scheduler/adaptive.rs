@@ -647,13 +647,13 @@ impl Adaptive {
         self.formed.iter().copied().max().unwrap_or(0)
     }
 
-    pub fn instances(&self) -> usize {
+    fn instances(&self) -> usize {
         self.running.len()
     }
 
     /// How many batches may run at once: one per instance, except on the CPU's pair of executors
     /// ([`Adaptive::paired`]: one copy of a model that runs several batches at once, see
-    /// [`Model::concurrent`](crate::Model::concurrent)), where it is what [`Split`] measured
+    /// [`Model::side_by_side`](crate::Model::side_by_side)), where it is what [`Split`] measured
     /// faster: one batch at a time on every core (one group), or two side by side on one core
     /// each (two groups; measured on two cores, the MLP 256-1024-1024-10 at batch 64 made
     /// 52-55k rows/s so against 42-46k on both cores, the MLP 512-2048-2048-10 8.8-9.8k against

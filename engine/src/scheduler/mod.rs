@@ -126,15 +126,9 @@ impl Scheduler {
         let model = instances.first().expect("a version runs on at least one instance").clone();
         let pad = model.signature().pad_to_longest;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let paired = config.latency_slo.is_some()
-            && instances.len() == 1
-            && model.device() == Device::Cpu
+        let paired = model.device() == Device::Cpu
             && cores >= 2
-            && match config.cpu_pair {
-                CpuPair::Auto => model.side_by_side(),
-                CpuPair::On => model.concurrent(),
-                CpuPair::Off => false,
-            };
+            && config.pairs(instances.len(), model.concurrent(), model.side_by_side());
         let configured = instances.len();
         let instances = if paired { vec![model.clone(), model.clone()] } else { instances };
         let executors = instances.len();

@@ -44,6 +44,33 @@ pub enum CpuPair {
     Off,
 }
 
+impl BatchConfig {
+    /// Whether a version on `instances` may run on the CPU pair (adaptive mode, one instance),
+    /// and [`CpuPair::Auto`] leaves it to the test at load: then the load measures it
+    /// (`LoadOptions::measure_lanes`).
+    pub fn measures_lanes(&self, instances: usize) -> bool {
+        self.may_pair(instances) && self.cpu_pair == CpuPair::Auto
+    }
+
+    /// Adaptive mode on one instance: where [`Scheduler::start`](crate::Scheduler::start) pairs
+    /// a CPU model, as [`BatchConfig::cpu_pair`] says.
+    fn may_pair(&self, instances: usize) -> bool {
+        self.latency_slo.is_some() && instances == 1
+    }
+
+    /// Whether a CPU model on `instances` runs on a pair of executors: what it can
+    /// ([`crate::Model::concurrent`]) and measured ([`crate::Model::side_by_side`]) against
+    /// [`BatchConfig::cpu_pair`].
+    pub fn pairs(&self, instances: usize, concurrent: bool, side_by_side: bool) -> bool {
+        self.may_pair(instances)
+            && match self.cpu_pair {
+                CpuPair::Auto => side_by_side,
+                CpuPair::On => concurrent,
+                CpuPair::Off => false,
+            }
+    }
+}
+
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
