@@ -204,13 +204,21 @@ impl Scheduler {
             if self.shared.batcher_gone.load(Ordering::Acquire) {
                 return Err(EngineError::Unavailable("this version's batcher has stopped".into()));
             }
-            let prediction = q.push(entry).map_err(|(err, _)| push_error(err, &self.stats, q.len()))?;
+            let prediction = q.push(entry).map_err(|(err, _)| push_error(err, &self.stats, q.len()));
             self.stats.queue_depth.store(q.len() as u64, Ordering::Relaxed);
             prediction
+        };
+        let prediction = match prediction {
+            Ok(prediction) => prediction,
+            Err(e) => return Err(self.refused(e).await),
         };
         self.shared.wake.notify_one();
         let outputs =
             rx.await.map_err(|_| EngineError::Unavailable("the scheduler stopped before answering".into()))?;
+        let outputs = match outputs {
+            Err(e @ EngineError::WouldMissDeadline { .. }) => return Err(self.refused(e).await),
+            outputs => outputs,
+        };
         // Measured here, once the caller runs again, so that the wait for a thread to resume it
         // counts: under overload that wait is part of what the client sees.
         // (Not a request the queue refused as late: its finish is only the corrected prediction,
@@ -227,6 +235,10 @@ impl Scheduler {
     }
 }
 
+/// The longest a refusal as late is held back (see [`Scheduler::infer`]): a refusal is still
+/// early, well before the objective it would have missed.
+const REFUSAL_HOLD_MAX: Duration = Duration::from_millis(50);
+
 /// Requests whose preprocessing (bytes of text to tokenise) is larger than this run it on tokio's
 /// blocking pool; smaller ones (a few sentences: tens of microseconds) run in place, where a
 /// thread hop would cost more than the work.
@@ -241,6 +253,27 @@ impl Scheduler {
         tokio::task::spawn_blocking(move || model.preprocess(inputs))
             .await
             .map_err(|_| EngineError::Execution("preprocessing panicked".into()))?
+    }
+
+    /// A request refused as late is answered once the work ahead of it is predicted done (the
+    /// batch running, the one handed over and what is queued; at most [`REFUSAL_HOLD_MAX`]),
+    /// not at once: a closed-loop client asking again at once found the same queue and was
+    /// refused again, as fast as the HTTP thread could refuse, and that work made every answer
+    /// later and the refusals self-sustaining (see `bench/shed_storm.sh`). Other errors pass
+    /// at once.
+    async fn refused(&self, e: EngineError) -> EngineError {
+        if matches!(e, EngineError::WouldMissDeadline { .. }) {
+            let now = Instant::now();
+            let done = {
+                let q = self.shared.queue.lock().expect("queue lock");
+                let ahead = q.adaptive.predicted_finish(now, q.rows(), 0, q.config().max_batch_size);
+                ahead.max(q.adaptive.device_free_at(now))
+            };
+            if let Some(done) = done {
+                tokio::time::sleep_until(done.min(now + REFUSAL_HOLD_MAX).into()).await;
+            }
+        }
+        e
     }
 }
 
@@ -541,6 +574,36 @@ mod tests {
         assert_eq!(most_at_once(1).await, 1, "one instance runs one batch at a time");
         assert_eq!(most_at_once(2).await, 2, "two instances run two batches at once");
         assert_eq!(most_at_once(3).await, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_as_late_is_held_while_the_work_ahead_runs() {
+        // Batches of one row, 200 ms each, against a 300 ms objective. The first request runs
+        // (nothing learnt), so does the second (a lone request makes it); one arriving 20 ms
+        // into the second's batch would finish 380 ms after it came: refused, but answered only
+        // when the work ahead is done (here after REFUSAL_HOLD_MAX), so that a client asking again
+        // at once finds another queue.
+        let model = slow(Duration::from_millis(200), Default::default(), Default::default(), (false, false));
+        let config =
+            BatchConfig { max_batch_size: 1, latency_slo: Some(Duration::from_millis(300)), ..BatchConfig::default() };
+        let scheduler = Arc::new(Scheduler::start(vec![model], config, Arc::new(Stats::default())));
+        let request = || InferRequest {
+            inputs: vec![Tensor::from_f32(vec![1, 1], &[1.0]).unwrap()],
+            priority: 0,
+            timeout: None,
+            arrived: None,
+        };
+        scheduler.infer(request()).await.unwrap();
+        let second = {
+            let scheduler = scheduler.clone();
+            tokio::spawn(async move { scheduler.infer(request()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let asked = Instant::now();
+        let refused = scheduler.infer(request()).await;
+        assert!(matches!(refused, Err(EngineError::WouldMissDeadline { .. })), "{refused:?}");
+        assert!(asked.elapsed() >= REFUSAL_HOLD_MAX, "answered after {:?}", asked.elapsed());
+        second.await.unwrap().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

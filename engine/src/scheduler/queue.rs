@@ -179,6 +179,11 @@ impl<T: Waiting> BatchQueue<T> {
         self.entries.len()
     }
 
+    /// Rows queued.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

