@@ -215,16 +215,14 @@ impl Scheduler {
         self.shared.wake.notify_one();
         let outputs =
             rx.await.map_err(|_| EngineError::Unavailable("the scheduler stopped before answering".into()))?;
-        let outputs = match outputs {
-            Err(e @ EngineError::WouldMissDeadline { .. }) => return Err(self.refused(e).await),
-            outputs => outputs,
-        };
+        // A request the queue refused as late is not measured: its finish is only the corrected
+        // prediction, and counting that would feed the correction back into itself.
+        if let Err(e @ EngineError::WouldMissDeadline { .. }) = outputs {
+            return Err(self.refused(e).await);
+        }
         // Measured here, once the caller runs again, so that the wait for a thread to resume it
         // counts: under overload that wait is part of what the client sees.
-        // (Not a request the queue refused as late: its finish is only the corrected prediction,
-        // and counting that would feed the correction back into itself.)
-        if let Some(prediction) = prediction.filter(|_| !matches!(outputs, Err(EngineError::WouldMissDeadline { .. })))
-        {
+        if let Some(prediction) = prediction {
             let mut q = self.shared.queue.lock().expect("queue lock");
             let now = Instant::now();
             q.adaptive.calibration.observe(prediction, now.saturating_duration_since(arrived), now);
