@@ -2,8 +2,10 @@
 # Reproduces refusals that feed themselves in adaptive mode (a known defect, README "Known defect"):
 # one server, all-MiniLM-L6-v2 from strings in adaptive mode, closed-loop clients (each sends its
 # next request as soon as an answer, or a refusal, comes), short windows one after another. Per
-# window: req/s, p99, refusals, and the planner's state from /metrics (the admission correction
-# `algolink_latency_prediction_ratio`, refusals so far, groups).
+# window: req/s, p99, refusals, how busy the model kept its instances (compute time over the
+# window, from /metrics), and the planner's state (the admission correction
+# `algolink_latency_prediction_ratio`, refusals so far, groups). Busy stays ~85-94% in and out of a
+# storm: the refusals shrink the batches, not the time on the device.
 #
 # What it showed on the 2-core development VM (MODEL=minilm-ort, c=16, 100 ms objective): a few
 # windows at ~330 req/s, p99 50-70 ms, no refusal; then a pause of the host lifts the correction
@@ -47,16 +49,23 @@ pid=$!
 for _ in $(seq 100); do curl -sf "127.0.0.1:$port/v2/health/ready" >/dev/null && break; sleep 0.1; done
 curl -sf --data-binary @"$file" "127.0.0.1:$port/v1/models/$model/versions" >/dev/null
 
+compute() { curl -s "127.0.0.1:$port/metrics" | grep "^algolink_compute_duration_seconds_sum{model=\"$model\"" | awk '{print $2}'; }
 storm=0
+before=$(compute)
 for w in $(seq "$windows"); do
+  t0=$(date +%s.%N)
   r=$("$bin/algolink-bench" --url "http://127.0.0.1:$port" --model "$model" --request "$work/minilm-text.json" \
     -c "$conc" --window-ms 2000 --max-windows 1 --label "w$w")
+  t1=$(date +%s.%N)
   state=$(curl -s "127.0.0.1:$port/metrics" | grep "model=\"$model\"" |
     grep -E '^algolink_(latency_prediction_ratio|shed_total|batch_groups)\{' |
     sed -E 's/^algolink_([a-z_]+)\{[^}]*\} /\1=/' | tr '\n' ' ')
+  after=$(compute)
+  # busy: the share of the window the model ran batches (summed over its instances).
   # (exit status 3: over 1000 refusals in the window)
-  "$venv/bin/python" -c 'import json,sys; r=json.loads(sys.argv[1])
-print("%4s: %6.0f req/s answered, p99 %6.1f ms, %6d refused | %s" % (r["label"], r["rps"], r["p99_ms"], r["errors"], sys.argv[2]))
-sys.exit(3 if r["errors"] > 1000 else 0)' "$r" "$state" || storm=1
+  "$venv/bin/python" -c 'import json,sys; r=json.loads(sys.argv[1]); busy=(float(sys.argv[4])-float(sys.argv[3]))/(float(sys.argv[6])-float(sys.argv[5]))
+print("%4s: %6.0f req/s answered, p99 %6.1f ms, %6d refused, busy %3.0f%% | %s" % (r["label"], r["rps"], r["p99_ms"], r["errors"], 100 * busy, sys.argv[2]))
+sys.exit(3 if r["errors"] > 1000 else 0)' "$r" "$state" "$before" "$after" "$t0" "$t1" || storm=1
+  before=$after
 done
 if ((storm)); then echo "storm: a window had over 1000 refusals"; else echo "no storm"; fi
