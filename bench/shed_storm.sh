@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces refusals that feed themselves in adaptive mode (a known defect, README "Known defect"):
+# Refusals that feed themselves in adaptive mode (README, after the admission paragraph):
 # one server, all-MiniLM-L6-v2 from strings in adaptive mode, closed-loop clients (each sends its
 # next request as soon as an answer, or a refusal, comes), short windows one after another. Per
 # window: req/s, p99, refusals, how busy the model kept its instances (compute time over the
@@ -12,9 +12,11 @@
 # to 3-4x and requests near the objective are refused. With refusals answered at once, each client
 # asked again at once, the HTTP thread spent the cores on 4-13k refusals a window, answers landed
 # later and the correction stayed high: 80-160 req/s answered. With refusals held while the work
-# ahead runs (the scheduler since 2026-12-07): 440-1000 refusals a window, 190-290 req/s answered,
-# while the correction remembers the pause (up to 30 s; the requests let in keep it up). Static
-# batching serves the same load at ~300 req/s, p99 ~80 ms, without a refusal.
+# ahead runs (2026-12-07): 130-1160 refusals a window, 150-310 req/s answered, for as long as the
+# correction remembered the pause (up to 30 s; the requests let in kept it up). With trials of a
+# lower trust in the correction (2026-12-07, later): back to no refusal within 1-3 windows of a
+# pause, 1.4k-5.5k refusals in 16 windows (3 runs). Static batching serves the same load at
+# ~300 req/s, p99 ~80 ms, without a refusal.
 #
 #   bench/shed_storm.sh                 # MODEL=minilm-ort CONC=16 WINDOWS=12 SLO_MS=100
 #

@@ -225,7 +225,8 @@ impl Scheduler {
         if let Some(prediction) = prediction {
             let mut q = self.shared.queue.lock().expect("queue lock");
             let now = Instant::now();
-            q.adaptive.calibration.observe(prediction, now.saturating_duration_since(arrived), now);
+            let shed_at = q.adaptive.shed_at;
+            q.adaptive.calibration.observe(prediction, now.saturating_duration_since(arrived), now, shed_at);
             let ppm = (q.adaptive.calibration.factor() * 1e6) as u64;
             self.stats.prediction_factor_ppm.store(ppm, Ordering::Relaxed);
         }

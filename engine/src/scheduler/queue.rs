@@ -214,7 +214,7 @@ impl<T: Waiting> BatchQueue<T> {
             let finish =
                 self.adaptive.predicted_finish(entry.enqueued, self.rows, entry.rows, self.config.max_batch_size);
             if let Some(latency) = finish.map(|f| f.saturating_duration_since(entry.enqueued)) {
-                let predicted = latency.mul_f64(self.adaptive.calibration.factor());
+                let predicted = latency.mul_f64(self.adaptive.calibration.factor_at(entry.enqueued));
                 let allowed = deadline.mul_f64(ADMISSION_HEADROOM);
                 // Nothing queued or handed over, and an instance idle: the request runs at once
                 // whatever the prediction says. Refusing it would also starve the correction of
@@ -656,13 +656,13 @@ mod tests {
         // Answers that landed 1.5x later than predicted: a's 34 ms counts as 51 ms > 42.5, refused.
         let mut q3 = BatchQueue::new(BatchConfig { latency_slo: Some(ms(50)), ..BatchConfig::default() }, false);
         q3.adaptive = q.adaptive.clone();
-        q3.adaptive.calibration.observe(a, a.latency.mul_f64(1.5), t0);
+        q3.adaptive.calibration.observe(a, a.latency.mul_f64(1.5), t0, None);
         let late = q3.push(entry("a", 0, None)).unwrap_err().0;
         assert!(matches!(late, PushError::WouldMissDeadline { predicted, .. } if predicted > ms(50)), "{late:?}");
         // On an idle device with nothing queued, a lone request runs whatever the correction says
         // (its answer is what brings the correction down): t(4) x 4 = 56 ms > 42.5, admitted.
         q3.adaptive.running[0] = None;
-        q3.adaptive.calibration.observe(a, a.latency.mul_f64(4.0), t0);
+        q3.adaptive.calibration.observe(a, a.latency.mul_f64(4.0), t0, None);
         let lone = q3.push(entry("lone", 0, None)).unwrap().unwrap();
         assert!(lone.calibrated > ms(50), "{lone:?}");
         // Behind it, the same prediction is refused.
@@ -705,7 +705,7 @@ mod tests {
         // 277.2 ms, within the objective: e runs.
         let p = Prediction { latency: ms(40), calibrated: ms(40), deadline: ms(50) };
         for _ in 0..100 {
-            q4.adaptive.calibration.observe(p, ms(32), t0);
+            q4.adaptive.calibration.observe(p, ms(32), t0, None);
         }
         let next = q4.next_batch(t0 + ms(250));
         assert!(next.late.is_empty() && next.batch.len() == 1, "{:?}", next.late);
@@ -713,7 +713,7 @@ mod tests {
         // finish at 260 + 2 × 24 = 308 ms at p99, but at 270 + 14 = 284 ms on the mean: it runs.
         q4.push(entry("g", 250, None)).unwrap();
         for _ in 0..200 {
-            q4.adaptive.calibration.observe(p, ms(80), t0);
+            q4.adaptive.calibration.observe(p, ms(80), t0, None);
         }
         assert_eq!(q4.adaptive.calibration.factor(), 2.0);
         let next = q4.next_batch(t0 + ms(260));
