@@ -248,10 +248,12 @@ mod tests {
     #[test]
     fn the_lanes_test_compares_two_lanes_with_one() {
         // Lanes that take as long as a batch on every core run twice the rows; lanes that take
-        // 2.5 times as long (weights that no longer fit the cache twice) lose.
-        let gain = lanes_gain(&sleeper(2, 2), 8).unwrap();
-        assert!((1.5..2.2).contains(&gain), "{gain}");
-        let gain = lanes_gain(&sleeper(2, 5), 8).unwrap();
+        // 2.5 times as long (weights that no longer fit the cache twice) lose. (Loose bounds on
+        // the winning side: on a host busy with the other tests, late wake-ups moved it from 2
+        // to 1.39-2.36; the losing side stayed at 0.74-0.77.)
+        let gain = lanes_gain(&sleeper(8, 8), 8).unwrap();
+        assert!((1.25..3.0).contains(&gain), "{gain}");
+        let gain = lanes_gain(&sleeper(8, 20), 8).unwrap();
         assert!((0.6..LANES_MARGIN).contains(&gain), "{gain}");
         // Too slow to tell.
         assert_eq!(lanes_gain(&sleeper(LANES_TEST_LONGEST.as_millis() as u64 + 10, 1), 8), None);
