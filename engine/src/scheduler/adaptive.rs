@@ -400,6 +400,9 @@ pub struct Calibration {
     trial: Option<Trial>,
     next_trial: Option<Instant>,
     trial_backoff: Duration,
+    /// Whether the answers' p99.5 was past [`ADMISSION_HEADROOM`] at the last revision: no trial
+    /// starts then.
+    late: bool,
 }
 
 /// A lower trust tried against the adopted one in alternate phases: adopted only if the phases on
@@ -457,8 +460,10 @@ const OUTCOME_MAX_AGE: Duration = Duration::from_secs(5);
 const OUTCOME_REFRESH: usize = 128;
 const OUTCOME_MIN: usize = 256;
 /// Once answers land later than admission allows (p99.5 of actual / deadline past
-/// [`ADMISSION_HEADROOM`]), trust rises at once by the square of how far past, and a trial on
-/// is given up: lateness costs the objective, caution only throughput.
+/// [`ADMISSION_HEADROOM`]), trust rises at once by the square of how far past, a trial on fails,
+/// and none starts until they land within it again: lateness costs the objective, caution only
+/// throughput. (Trials given up without backing off, and started while answers landed late,
+/// were started and given up every second under open-loop overload.)
 const TRUST_UP: f64 = 2.0;
 /// A trial: phases of this long, alternating the adopted trust and the candidate, the first
 /// `TRIAL_SETTLE` of each not counted (answers to requests let in by the phase before).
@@ -486,6 +491,7 @@ impl Default for Calibration {
             trial: None,
             next_trial: None,
             trial_backoff: TRIAL_BACKOFF.0,
+            late: false,
         }
     }
 }
@@ -547,11 +553,11 @@ impl Calibration {
             self.scratch.extend(self.outcomes.iter().map(|&(_, r)| r));
             let k = ((self.scratch.len() - 1) as f64 * CALIBRATION_QUANTILE).round() as usize;
             let (_, q, _) = self.scratch.select_nth_unstable_by(k, f64::total_cmp);
-            if *q > ADMISSION_HEADROOM {
+            self.late = *q > ADMISSION_HEADROOM;
+            if self.late {
                 self.trust = (self.trust * (*q / ADMISSION_HEADROOM).powf(TRUST_UP)).min(1.0);
                 if self.trial.take().is_some() {
-                    // Given up, not failed: no trial while answers land late.
-                    self.next_trial = Some(now + self.trial_backoff);
+                    self.fail_trial(now);
                 }
             }
         }
@@ -570,7 +576,8 @@ impl Calibration {
             }
             None => {
                 let refusing = shed_at.is_some_and(|at| now.saturating_duration_since(at) < SHED_MEMORY);
-                if refusing && self.factor * self.trust > 1.0 && self.next_trial.is_none_or(|t| now >= t) {
+                let room = self.factor * self.trust > 1.0 && !self.late;
+                if refusing && room && self.next_trial.is_none_or(|t| now >= t) {
                     let candidate = (self.trust * TRIAL_STEP).max(1.0 / self.factor);
                     self.trial = Some(Trial { candidate, started: now, answered: [0, 0] });
                 }
