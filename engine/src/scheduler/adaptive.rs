@@ -400,8 +400,8 @@ pub struct Calibration {
     trial: Option<Trial>,
     next_trial: Option<Instant>,
     trial_backoff: Duration,
-    /// Whether the answers' p99.5 was past [`ADMISSION_HEADROOM`] at the last revision: no trial
-    /// starts then.
+    /// Whether the answers' p99.5 was past [`ADMISSION_HEADROOM`] at the last revision (and
+    /// before the first): no trial starts then.
     late: bool,
 }
 
@@ -491,7 +491,8 @@ impl Default for Calibration {
             trial: None,
             next_trial: None,
             trial_backoff: TRIAL_BACKOFF.0,
-            late: false,
+            // (Otherwise an overload from cold could start trials before the first revision.)
+            late: true,
         }
     }
 }
