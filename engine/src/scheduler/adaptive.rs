@@ -525,13 +525,7 @@ impl Calibration {
                     (self.trust, self.trial) = (1.0, None);
                     1.0
                 }
-                n => {
-                    self.scratch.clear();
-                    self.scratch.extend(self.ratios.iter().map(|&(_, r)| r));
-                    let k = ((n - 1) as f64 * CALIBRATION_QUANTILE).round() as usize;
-                    let (_, q, _) = self.scratch.select_nth_unstable_by(k, f64::total_cmp);
-                    q.clamp(CALIBRATION_RANGE.0, CALIBRATION_RANGE.1)
-                }
+                _ => quantile(&mut self.scratch, &self.ratios).clamp(CALIBRATION_RANGE.0, CALIBRATION_RANGE.1),
             };
         }
     }
@@ -550,13 +544,10 @@ impl Calibration {
         self.since_outcome_refresh += 1;
         if self.since_outcome_refresh >= OUTCOME_REFRESH && self.outcomes.len() >= OUTCOME_MIN {
             self.since_outcome_refresh = 0;
-            self.scratch.clear();
-            self.scratch.extend(self.outcomes.iter().map(|&(_, r)| r));
-            let k = ((self.scratch.len() - 1) as f64 * CALIBRATION_QUANTILE).round() as usize;
-            let (_, q, _) = self.scratch.select_nth_unstable_by(k, f64::total_cmp);
-            self.late = *q > ADMISSION_HEADROOM;
+            let q = quantile(&mut self.scratch, &self.outcomes);
+            self.late = q > ADMISSION_HEADROOM;
             if self.late {
-                self.trust = (self.trust * (*q / ADMISSION_HEADROOM).powf(TRUST_UP)).min(1.0);
+                self.trust = (self.trust * (q / ADMISSION_HEADROOM).powf(TRUST_UP)).min(1.0);
                 if self.trial.take().is_some() {
                     self.fail_trial(now);
                 }
@@ -610,6 +601,15 @@ impl Calibration {
     fn with_trust(&self, trust: f64) -> f64 {
         if self.factor <= 1.0 { self.factor } else { (self.factor * trust).max(1.0) }
     }
+}
+
+/// The [`CALIBRATION_QUANTILE`] of a window's values (not empty), selected in `scratch` so that
+/// a refresh does not allocate.
+fn quantile(scratch: &mut Vec<f64>, window: &VecDeque<(Instant, f64)>) -> f64 {
+    scratch.clear();
+    scratch.extend(window.iter().map(|&(_, v)| v));
+    let k = ((scratch.len() - 1) as f64 * CALIBRATION_QUANTILE).round() as usize;
+    *scratch.select_nth_unstable_by(k, f64::total_cmp).1
 }
 
 /// A batch running on an executor instance.
