@@ -5,7 +5,7 @@ baselines on the same GPU:
     models.py OUT        # OUT/mlp.safetensors (256-1024-1024-10, config in its metadata), OUT/mlp.onnx,
                          # OUT/encoder.tar (a BERT with all-MiniLM-L6-v2's shape, random weights,
                          # a WordPiece tokenizer, sentence-transformers pooling files),
-                         # OUT/mlp.json, OUT/text.json (requests), and one JSON line per
+                         # OUT/mlp.json, OUT/mlp16.json, OUT/text.json (requests), and one JSON line per
                          # PyTorch eager batch-1 latency on cuda:0 on stdout
 """
 import io
@@ -53,6 +53,10 @@ with open(os.path.join(out, "mlp.safetensors"), "wb") as f:
 with open(os.path.join(out, "mlp.json"), "w") as f:
     json.dump({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 256],
                            "data": [((i * 7919) % 1000) / 1000 - 0.5 for i in range(256)]}]}, f)
+# 16 rows, as `perf_analyzer -b 16` sends: the CPU half of acceptance 3 (run.sh, part 4).
+with open(os.path.join(out, "mlp16.json"), "w") as f:
+    json.dump({"inputs": [{"name": "input", "datatype": "FP32", "shape": [16, 256],
+                           "data": [((i * 7919) % 1000) / 1000 - 0.5 for i in range(16 * 256)]}]}, f)
 # The same MLP as ONNX: on cuda:0 it runs as a candle plan (engine/src/onnx_candle.rs). The
 # TorchScript exporter needs no onnx package; a failure leaves the ONNX check out, not the rest.
 try:

@@ -10,6 +10,8 @@
 #    (want AlgoLink batch-1 <= 1.2x eager).
 # 3. Served: the server on cuda:0, concurrency 1 and 64, against the best offline rate (want >= 0.9);
 #    the MLP also on two executor instances (two streams), at concurrency 64.
+# 4. The CPU half of 3 with the load generator on cores of its own (taskset; skipped below 6
+#    cores): the MLP (ONNX, tract, 16-row requests) and the encoder (candle) on 2 cores.
 #
 # Prepare here (no GPU needed): bench/gpu/prepare.sh builds the cuda binaries with
 # ../shared/gpu/build-cuda and packs them into bench/gpu/bin.tgz (ignored by git; carry it).
@@ -25,6 +27,9 @@ cleanup() { [[ -n $pid ]] && kill "$pid" 2>/dev/null || true; }
 trap cleanup EXIT
 export RUST_BACKTRACE=0
 py=${PYTHON:-python3}
+# part 4's cores (run below 6 cores only when ENGINE_CORES is given)
+pinned=${ENGINE_CORES:+yes}
+export ENGINE_CORES=${ENGINE_CORES:-0,1} CLIENT_CORES=${CLIENT_CORES:-2-5}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1 || true
 # the CUDA libraries the binaries link: torch's own, when the system has none
 cu=$("$py" -c 'import nvidia, os; print(os.path.join(os.path.dirname(nvidia.__path__[0]), "nvidia", "cu13", "lib"))' 2>/dev/null || true)
@@ -51,10 +56,34 @@ bin=$work/bin
   "$bin/algolink-bench" --url http://127.0.0.1:18500 --model mlp --request "$work/mlp.json" -c 1,64 --binary --label served-mlp
   "$bin/algolink-bench" --url http://127.0.0.1:18500 --model encoder --request "$work/text.json" -c 1,64 --label served-encoder
   "$bin/algolink-bench" --url http://127.0.0.1:18500 --model mlp2 --request "$work/mlp.json" -c 64 --binary --label served-mlp-2-instances
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+
+  # 4. The CPU half of acceptance 3 with the load generator off the engine's cores, which the
+  #    2-core development VM cannot do: server and `offline` pinned to cores 0-1, algolink-bench to
+  #    cores 2-5 (ENGINE_CORES, CLIENT_CORES); three rounds alternating offline and served windows,
+  #    as bench/compare.sh.
+  if command -v taskset >/dev/null && { (($(nproc) >= 6)) || [[ -n $pinned ]]; } && [[ -f $work/mlp.onnx ]]; then
+    printf '[defaults]\ndevice = "cpu"\n[models.mlp]\nmode = "adaptive"\nlatency_slo_ms = 100\nwarmup_batch_sizes = [%s]\n[models.encoder]\nwarmup_batch_sizes = [1, 2, 4, 8, 16, 32]\n' \
+      "$(seq -s, 1 64)" >"$work/cpu.toml"
+    taskset -c "$ENGINE_CORES" "$bin/algolink" serve --config "$work/cpu.toml" --data "$work/data-cpu" --http 127.0.0.1:18501 >"$out/server-cpu.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 300); do curl -sf 127.0.0.1:18501/v2/health/ready >/dev/null && break; sleep 0.2; done
+    curl -sf --data-binary @"$work/mlp.onnx" 127.0.0.1:18501/v1/models/mlp/versions >/dev/null
+    curl -sf --data-binary @"$work/encoder.tar" 127.0.0.1:18501/v1/models/encoder/versions >/dev/null
+    labelled() { sed "s/^{/{\"label\":\"$1\",/"; }
+    for r in 1 2 3; do
+      taskset -c "$ENGINE_CORES" "$bin/offline" "$work/mlp.onnx" 16,32,64 1.5 | labelled "cpu-offline-mlp-r$r"
+      taskset -c "$CLIENT_CORES" "$bin/algolink-bench" --url http://127.0.0.1:18501 --model mlp --request "$work/mlp16.json" \
+        -c 8,16 --binary --window-ms 2000 --label "cpu-served-mlp16-r$r"
+      taskset -c "$ENGINE_CORES" "$bin/offline" "$work/encoder.tar" 8,16,32 1.5 | labelled "cpu-offline-encoder-r$r"
+      taskset -c "$CLIENT_CORES" "$bin/algolink-bench" --url http://127.0.0.1:18501 --model encoder --request "$work/text.json" \
+        -c 64 --window-ms 2000 --label "cpu-served-encoder-r$r"
+    done
+  fi
 } | tee "$out/results.jsonl"
 
 "$py" - "$out/results.jsonl" <<'PY' | tee "$out/summary.txt"
-import json, sys
+import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 eager = {r["label"]: r["ms"] for r in rows if r.get("label", "").startswith("torch-eager")}
 for model, key in [("mlp.safetensors", "mlp"), ("encoder.tar", "encoder")]:
@@ -81,4 +110,18 @@ if onnx:
           f" (want <= 1e-3); batch-1 {b1['ms_per_batch']:.3f} ms vs PyTorch eager {eager['torch-eager-mlp']:.3f} ms")
 else:
     print("mlp.onnx: not run (see the export message above)")
+for key, rows_per_request, conc in [("mlp", 16, (8, 16)), ("encoder", 1, (64,))]:
+    for c in conc:
+        ratios = []
+        for r in (1, 2, 3):
+            off = [x for x in rows if x.get("label") == f"cpu-offline-{key}-r{r}"]
+            served = [x for x in rows if x.get("label", "").startswith(f"cpu-served-{key}") and x["label"].endswith(f"-r{r}")
+                      and x["concurrency"] == c]
+            if off and served:
+                ratios.append(rows_per_request * served[0]["rps"] / max(x["rows_per_s"] for x in off))
+        if ratios:
+            print(f"cpu {key}: served ({rows_per_request}-row requests, c={c}) against the best offline rate, engine on"
+                  f" cores {os.environ.get('ENGINE_CORES')}, load generator on {os.environ.get('CLIENT_CORES')},"
+                  f" 3 alternated rounds: {', '.join(f'{x:.2f}' for x in ratios)},"
+                  f" median {sorted(ratios)[len(ratios) // 2]:.2f} (want >= 0.9)")
 PY
