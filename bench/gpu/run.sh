@@ -22,9 +22,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
 mkdir -p "$out"
 work=$(mktemp -d /tmp/algolink-gpu.XXXXXX)
-pid=""
-cleanup() { [[ -n $pid ]] && kill "$pid" 2>/dev/null || true; }
-trap cleanup EXIT
 export RUST_BACKTRACE=0
 py=${PYTHON:-python3}
 # part 4's cores (run below 6 cores only when ENGINE_CORES is given)
@@ -37,7 +34,24 @@ cu=$("$py" -c 'import nvidia, os; print(os.path.join(os.path.dirname(nvidia.__pa
 tar xzf "$here/bin.tgz" -C "$work"
 bin=$work/bin
 
+# One server at a time: serve CONFIG PORT LOG [CORES] starts it (pinned to CORES, if given) and
+# waits until it is ready; push PORT NAME FILE; stop. (Called inside the pipeline below, a
+# subshell: the server's pid and the trap that stops it live there.)
+pid=""
+stop() { [[ -n $pid ]] && { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }; pid=""; }
+serve() {
+  local pin=()
+  [[ -n ${4:-} ]] && pin=(taskset -c "$4")
+  "${pin[@]}" "$bin/algolink" serve --config "$1" --data "$1.data" --http "127.0.0.1:$2" >"$3" 2>&1 &
+  pid=$!
+  for _ in $(seq 300); do curl -sf "127.0.0.1:$2/v2/health/ready" >/dev/null && return; sleep 0.2; done
+  echo "the server did not start; see $3" >&2
+  return 1
+}
+push() { curl -sf --data-binary @"$3" "127.0.0.1:$1/v1/models/$2/versions" >/dev/null; }
+
 {
+  trap stop EXIT
   "$py" "$here/models.py" "$work"
   for m in mlp.safetensors encoder.tar; do
     DEVICE=cuda:0 "$bin/offline" "$work/$m" 1,8,32,128 2
@@ -47,16 +61,14 @@ bin=$work/bin
   [[ -f $work/mlp.onnx ]] && DEVICE=cuda:0 "$bin/offline" "$work/mlp.onnx" 1,8,32,128 2
 
   printf '[defaults]\ndevice = "cuda:0"\nwarmup_batch_sizes = [1, 2, 4, 8, 16, 32, 64]\n[models.mlp2]\ninstances = 2\n' >"$work/gpu.toml"
-  "$bin/algolink" serve --config "$work/gpu.toml" --data "$work/data" --http 127.0.0.1:18500 >"$out/server.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 300); do curl -sf 127.0.0.1:18500/v2/health/ready >/dev/null && break; sleep 0.2; done
-  curl -sf --data-binary @"$work/mlp.safetensors" 127.0.0.1:18500/v1/models/mlp/versions >/dev/null
-  curl -sf --data-binary @"$work/encoder.tar" 127.0.0.1:18500/v1/models/encoder/versions >/dev/null
-  curl -sf --data-binary @"$work/mlp.safetensors" 127.0.0.1:18500/v1/models/mlp2/versions >/dev/null
+  serve "$work/gpu.toml" 18500 "$out/server.log"
+  push 18500 mlp "$work/mlp.safetensors"
+  push 18500 encoder "$work/encoder.tar"
+  push 18500 mlp2 "$work/mlp.safetensors"
   "$bin/algolink-bench" --url http://127.0.0.1:18500 --model mlp --request "$work/mlp.json" -c 1,64 --binary --label served-mlp
   "$bin/algolink-bench" --url http://127.0.0.1:18500 --model encoder --request "$work/text.json" -c 1,64 --label served-encoder
   "$bin/algolink-bench" --url http://127.0.0.1:18500 --model mlp2 --request "$work/mlp.json" -c 64 --binary --label served-mlp-2-instances
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+  stop
 
   # 4. The CPU half of acceptance 3 with the load generator off the engine's cores, which the
   #    2-core development VM cannot do: server and `offline` pinned to cores 0-1, algolink-bench to
@@ -65,20 +77,19 @@ bin=$work/bin
   if command -v taskset >/dev/null && { (($(nproc) >= 6)) || [[ -n $pinned ]]; } && [[ -f $work/mlp.onnx ]]; then
     printf '[defaults]\ndevice = "cpu"\n[models.mlp]\nmode = "adaptive"\nlatency_slo_ms = 100\nwarmup_batch_sizes = [%s]\n[models.encoder]\nwarmup_batch_sizes = [1, 2, 4, 8, 16, 32]\n' \
       "$(seq -s, 1 64)" >"$work/cpu.toml"
-    taskset -c "$ENGINE_CORES" "$bin/algolink" serve --config "$work/cpu.toml" --data "$work/data-cpu" --http 127.0.0.1:18501 >"$out/server-cpu.log" 2>&1 &
-    pid=$!
-    for _ in $(seq 300); do curl -sf 127.0.0.1:18501/v2/health/ready >/dev/null && break; sleep 0.2; done
-    curl -sf --data-binary @"$work/mlp.onnx" 127.0.0.1:18501/v1/models/mlp/versions >/dev/null
-    curl -sf --data-binary @"$work/encoder.tar" 127.0.0.1:18501/v1/models/encoder/versions >/dev/null
+    serve "$work/cpu.toml" 18501 "$out/server-cpu.log" "$ENGINE_CORES"
+    push 18501 mlp "$work/mlp.onnx"
+    push 18501 encoder "$work/encoder.tar"
     labelled() { sed "s/^{/{\"label\":\"$1\",/"; }
     for r in 1 2 3; do
       taskset -c "$ENGINE_CORES" "$bin/offline" "$work/mlp.onnx" 16,32,64 1.5 | labelled "cpu-offline-mlp-r$r"
       taskset -c "$CLIENT_CORES" "$bin/algolink-bench" --url http://127.0.0.1:18501 --model mlp --request "$work/mlp16.json" \
-        -c 8,16 --binary --window-ms 2000 --label "cpu-served-mlp16-r$r"
+        -c 8,16 --binary --window-ms 2000 --label "cpu-served-mlp-r$r"
       taskset -c "$ENGINE_CORES" "$bin/offline" "$work/encoder.tar" 8,16,32 1.5 | labelled "cpu-offline-encoder-r$r"
       taskset -c "$CLIENT_CORES" "$bin/algolink-bench" --url http://127.0.0.1:18501 --model encoder --request "$work/text.json" \
         -c 64 --window-ms 2000 --label "cpu-served-encoder-r$r"
     done
+    stop
   fi
 } | tee "$out/results.jsonl"
 
@@ -115,8 +126,7 @@ for key, rows_per_request, conc in [("mlp", 16, (8, 16)), ("encoder", 1, (64,))]
         ratios = []
         for r in (1, 2, 3):
             off = [x for x in rows if x.get("label") == f"cpu-offline-{key}-r{r}"]
-            served = [x for x in rows if x.get("label", "").startswith(f"cpu-served-{key}") and x["label"].endswith(f"-r{r}")
-                      and x["concurrency"] == c]
+            served = [x for x in rows if x.get("label") == f"cpu-served-{key}-r{r}" and x["concurrency"] == c]
             if off and served:
                 ratios.append(rows_per_request * served[0]["rps"] / max(x["rows_per_s"] for x in off))
         if ratios:
